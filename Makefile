@@ -1,0 +1,55 @@
+# Two commands: `make upgrade` (set up + run the upgrade on the embedded default) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV)/bin)
+export PATH := $(BIN):$(PATH)
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup data upgrade repro test test-all bench mlflow-ui clean
+
+setup: $(VENV)/.installed
+
+# torch first, on its own: an unpinned torch pulled in by anything else would be a multi-GB CUDA build.
+$(VENV)/.installed: requirements-torch.txt requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-torch.txt
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $@
+
+# The raw KanjiVG strokes come from the installed `kanjivg` package; data.dvc tracks them.
+data: setup
+	@test -d data/kanjivg || $(PY) -m components.data.kanjivg data/kanjivg
+	@test -d .dvc || dvc init -q
+	dvc add -q data
+
+upgrade: data
+	mixbct upgrade
+
+repro: data
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: data
+	$(PY) benchmarks/run.py
+
+mlflow-ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf artifacts .prefect

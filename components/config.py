@@ -1,0 +1,207 @@
+"""One typed, frozen config tree loaded once from params.yaml.
+
+Each component receives only its own section. Unknown or mistyped keys fail with the file and the dotted
+field name, so a typo in params.yaml never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.errors import ConfigError
+
+Scenario = Literal["open-class", "open-data", "extended-class", "extended-data"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataConfig(Section):
+    """How identities and samples are drawn, and how they split (method.md, "Upgrade scenarios")."""
+
+    source: Literal["kanjivg", "imagefolder"] = "kanjivg"
+    root: str = "data/kanjivg"  # raw source, tracked by data.dvc
+    image_size: int = Field(32, ge=8, le=256)
+    seed: int = 0
+    scenario: Scenario = "open-class"
+    # KanjiVG: identities are drawn from the raw folder; ImageFolder: every identity folder is used.
+    train_identities: int = Field(1000, ge=2)  # pool the old and new models train on (kanjivg only)
+    test_identities: int = Field(500, ge=2)  # never trained on; gallery + query renderings
+    old_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # 30% of classes (open/extended-class) or of samples (-data)
+    samples_per_identity: int = Field(20, ge=2)  # training renderings per identity (kanjivg only)
+    gallery_per_identity: int = Field(2, ge=1)
+    query_per_identity: int = Field(3, ge=1)
+
+
+class LegacyConfig(Section):
+    """The old model a real user already has. Trained here only when `old.model` is null."""
+
+    arch: str = "small_cnn"
+    head: Literal["softmax", "arcface"] = "softmax"
+    embedding_dim: int = Field(128, ge=2)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    seed: int = 0
+
+
+class OldConfig(Section):
+    """Bring your own old model and gallery. null = use what the legacy stage trains and writes."""
+
+    model: str | None = None  # .onnx or .pt (a checkpoint written by this project)
+    gallery: str | None = None  # .npy [n_gallery, d], rows in gallery-manifest order
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> OldConfig:
+        if (self.model is None) != (self.gallery is None):
+            raise ValueError("old.model and old.gallery must be given together (or both null)")
+        for key in ("model", "gallery"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"old.{key}: file not found: {value}")
+        if self.model is not None and Path(self.model).suffix not in (".onnx", ".pt"):
+            raise ValueError(f"old.model: expected a .onnx or .pt file, got {self.model}")
+        return self
+
+
+class ExtractConfig(Section):
+    """Old-feature extraction and MixBCT's denoising (credible samples)."""
+
+    credible_keep: float = Field(0.9, gt=0, le=1)  # T: keep ratio per class, not a distance
+    batch_size: int = Field(512, ge=1)
+
+
+class TrainConfig(Section):
+    """The new model. Recipe from method.md (authors' code), scaled to CPU."""
+
+    method: str = "mixbct"
+    arch: str = "resnet_small"
+    embedding_dim: int = Field(128, ge=2)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    arcface_s: float = Field(64.0, gt=0)
+    arcface_m: float = Field(0.5, ge=0)
+    alpha: float = Field(0.3, ge=0, le=1)  # MixBCT: share of each batch replaced by old features
+    hflip: bool = False  # mirrored glyphs are other characters; faces would use True
+    paragon: bool = True  # also train method "none" as the upper bound
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from components.losses import available_methods
+
+        if value not in available_methods():
+            raise ValueError(f"unknown method {value!r}; known: {', '.join(available_methods())}")
+        return value
+
+
+class EvaluateConfig(Section):
+    gate_metrics: tuple[str, ...] = ("top1", "tar@far=1e-3")
+
+    @field_validator("gate_metrics")
+    @classmethod
+    def _known_metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from components.evaluate import METRICS
+
+        unknown = [m for m in value if m not in METRICS]
+        if unknown or not value:
+            raise ValueError(f"unknown gate metric(s) {unknown}; known: {', '.join(METRICS)}")
+        return value
+
+
+class RegisterConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "mixbct-upgrade"
+    model_name: str = "kanji-embedder"
+    onnx_tolerance: float = Field(1e-4, gt=0)
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    legacy: LegacyConfig = LegacyConfig()
+    old: OldConfig = OldConfig()
+    extract: ExtractConfig = ExtractConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()
+
+    @model_validator(mode="after")
+    def _dims_match(self) -> Config:
+        if self.old.model is None and self.legacy.embedding_dim != self.train.embedding_dim:
+            raise ValueError(
+                f"legacy.embedding_dim ({self.legacy.embedding_dim}) != train.embedding_dim "
+                f"({self.train.embedding_dim}): MixBCT swaps rows, so old and new dimensions must be equal"
+            )
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys, for MLflow params."""
+        out: dict[str, Any] = {}
+        for section, values in self.as_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.method=none` -> ("train.method", "none"); values parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.method=none")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read params.yaml (if it exists), apply dotted overrides, validate, freeze."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            lines.append(f"  {field}: {msg}")
+        raise ConfigError(f"{path}: invalid parameters:\n" + "\n".join(lines)) from None

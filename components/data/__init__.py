@@ -1,0 +1,1 @@
+"""Datasets: the embedded KanjiVG default and users' ImageFolder trees."""

@@ -1,0 +1,455 @@
+"""Cross-model retrieval and verification evaluation, and the backward-compatibility criterion.
+
+Everything works on feature arrays that someone else extracted. A metric M(query model, gallery model) embeds the
+queries with the first model and the gallery with the second; results are keyed by that pair, named
+``"query/gallery"`` (``"new/old"`` is the cross-test). The criterion is BCT's (Shen et al., CVPR 2020,
+arXiv:2003.11942): new/old > old/old and new/new > old/old, strictly, per metric (method.md).
+
+Similarity is cosine: L2-normalised copies of the features searched with a flat inner-product faiss index. Call
+``set_threads`` from the flow or CLI (never at import): faiss and torch each bring their own OpenMP pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+from rich.table import Table
+from sklearn.metrics import roc_curve
+
+TOP_KS: tuple[int, ...] = (1, 5)
+FARS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+
+# Above this gallery size mAP is computed on the top _DEFAULT_MAP_CUTOFF results unless map_cutoff says otherwise.
+FULL_RANKING_MAX = 10_000
+_DEFAULT_MAP_CUTOFF = 1_000
+# Verification keeps every genuine pair; above this many query×gallery pairs impostors are subsampled.
+MAX_PAIRS = 20_000_000
+_ROC_POINTS = 500
+_BLOCK_ELEMENTS = 1 << 22  # query rows × columns held at once (~16 MB of float32) when chunking
+
+
+def topk_name(k: int) -> str:
+    return f"top{k}"
+
+
+def tar_name(far: float) -> str:
+    """Canonical name of TAR at one FAR: 1e-4 -> "tar@far=1e-4", 0.25 -> "tar@far=2.5e-1"."""
+    mantissa, exponent = f"{far:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"tar@far={mantissa}e{int(exponent)}"
+
+
+METRICS: tuple[str, ...] = (*(topk_name(k) for k in TOP_KS), "mAP", *(tar_name(f) for f in FARS))
+
+
+def pair_name(query: str, gallery: str) -> str:
+    """Canonical name of a (query model, gallery model) pair: ("new", "old") -> "new/old"."""
+    return f"{query}/{gallery}"
+
+
+def set_threads(n: int) -> None:
+    """Fix faiss's OpenMP thread count (torch has its own: set both explicitly)."""
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    faiss.omp_set_num_threads(int(n))
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+
+
+def _normalized(x: np.ndarray, name: str) -> np.ndarray:
+    """L2-normalised float32 C-contiguous copy (faiss.normalize_L2 works in place; the caller's array is untouched)."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [n, d] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    faiss.normalize_L2(x)
+    return x
+
+
+def _check_inputs(
+    xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    xq, xb = _normalized(xq, "xq"), _normalized(xb, "xb")
+    yq, yb = np.asarray(yq).ravel(), np.asarray(yb).ravel()
+    if xq.shape[1] != xb.shape[1]:
+        raise ValueError(f"query dim {xq.shape[1]} != gallery dim {xb.shape[1]}: the models are not comparable")
+    if len(yq) != len(xq) or len(yb) != len(xb):
+        raise ValueError(f"labels do not match features: yq {len(yq)} vs xq {len(xq)}, yb {len(yb)} vs xb {len(xb)}")
+    return xq, yq, xb, yb
+
+
+def _check_identities(yq: np.ndarray, yb: np.ndarray) -> None:
+    missing = np.setdiff1d(np.unique(yq), np.unique(yb))
+    if missing.size:
+        shown = ", ".join(repr(m.item() if hasattr(m, "item") else m) for m in missing[:10])
+        more = f" (and {missing.size - 10} more)" if missing.size > 10 else ""
+        raise ValueError(f"query identities absent from the gallery: {shown}{more}")
+
+
+def _gallery_counts(yq: np.ndarray, yb: np.ndarray) -> np.ndarray:
+    """Number of gallery items sharing each query's identity, [n_q]."""
+    ids, counts = np.unique(yb, return_counts=True)
+    pos = np.clip(np.searchsorted(ids, yq), 0, len(ids) - 1)
+    return np.where(ids[pos] == yq, counts[pos], 0)
+
+
+def _blocks(n: int, width: int) -> Iterator[slice]:
+    step = max(1, _BLOCK_ELEMENTS // max(width, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def _build_index(xb: np.ndarray) -> faiss.Index:
+    """The gallery index (xb already L2-normalised: inner product = cosine). Exact flat search for now;
+    IVF/HNSW for large galleries would be chosen here, with recall measured on real embeddings."""
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    return index
+
+
+def _map_depth(n_gallery: int, map_cutoff: int | None) -> int:
+    if map_cutoff is None:
+        return n_gallery if n_gallery <= FULL_RANKING_MAX else _DEFAULT_MAP_CUTOFF
+    if map_cutoff < 1:
+        raise ValueError(f"map_cutoff must be >= 1, got {map_cutoff}")
+    return min(map_cutoff, n_gallery)
+
+
+def per_query_retrieval(
+    xq: np.ndarray,
+    yq: np.ndarray,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    ks: Iterable[int] = TOP_KS,
+    map_cutoff: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-query outcomes, each [n_q]: ``top{k}`` (bool: a same-identity item among the k nearest) and ``AP``.
+
+    Kept separate from the means so that bootstrap intervals and negative-flip rates can resample queries.
+    AP is over the ranked gallery truncated at depth K (the whole gallery when it has <= FULL_RANKING_MAX items,
+    else map_cutoff, default 1000): AP@K = sum_{r<=K} P(r)·rel(r) / min(n_relevant, K), which is exact AP when
+    K = n_gallery. Ties in score keep faiss's order.
+    """
+    xq, yq, xb, yb = _check_inputs(xq, yq, xb, yb)
+    _check_identities(yq, yb)
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be >= 1, got {ks}")
+    n_g = len(xb)
+    depth_ap = _map_depth(n_g, map_cutoff)
+    depth = max(depth_ap, min(max(ks, default=1), n_g))
+    n_rel = _gallery_counts(yq, yb)
+
+    index = _build_index(xb)
+    hits = {k: np.zeros(len(xq), dtype=bool) for k in ks}
+    ap = np.zeros(len(xq), dtype=np.float64)
+    ranks = np.arange(1, depth_ap + 1, dtype=np.float64)
+    for blk in _blocks(len(xq), depth):
+        _, I = index.search(xq[blk], depth)  # [b, depth], best first
+        rel = yb[I] == yq[blk, None]  # [b, depth]
+        for k in ks:
+            hits[k][blk] = rel[:, : min(k, n_g)].any(axis=1)
+        rel_ap = rel[:, :depth_ap]
+        precision = np.cumsum(rel_ap, axis=1) / ranks  # [b, depth_ap]
+        ap[blk] = (precision * rel_ap).sum(axis=1) / np.minimum(n_rel[blk], depth_ap)
+    return {**{topk_name(k): hits[k] for k in ks}, "AP": ap}
+
+
+def retrieval_metrics(
+    xq: np.ndarray,
+    yq: np.ndarray,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    ks: Iterable[int] = TOP_KS,
+    map_cutoff: int | None = None,
+) -> dict[str, float]:
+    """1:N identification with cosine similarity: ``top{k}`` for each k and ``mAP`` (see per_query_retrieval).
+
+    Raises ValueError naming any query identity that has no gallery item (such a query can never be correct).
+    """
+    per_query = per_query_retrieval(xq, yq, xb, yb, ks=ks, map_cutoff=map_cutoff)
+    out = {name: float(v.mean()) for name, v in per_query.items() if name != "AP"}
+    out["mAP"] = float(per_query["AP"].mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------- verification
+
+
+def _pair_scores(
+    xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray, max_pairs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores of all genuine pairs and of all (or a seeded Bernoulli sample of) impostor pairs."""
+    n_pairs = len(xq) * len(xb)
+    n_genuine = int(_gallery_counts(yq, yb).sum())
+    n_impostor = n_pairs - n_genuine
+    keep = 1.0 if n_pairs <= max_pairs else min(1.0, max(max_pairs - n_genuine, 1) / max(n_impostor, 1))
+    rng = np.random.default_rng(seed)
+    genuine, impostor = [], []
+    for blk in _blocks(len(xq), len(xb)):
+        s = xq[blk] @ xb.T  # [b, n_g] cosine
+        same = yq[blk, None] == yb[None, :]  # [b, n_g]
+        genuine.append(s[same])
+        if keep < 1.0:
+            impostor.append(s[~same & (rng.random(s.shape, dtype=np.float32) < keep)])
+        else:
+            impostor.append(s[~same])
+    return np.concatenate(genuine), np.concatenate(impostor)
+
+
+def _downsample_roc(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """At most n real ROC points, spread log-uniformly in FPR (the low-FAR end is what matters)."""
+    positive = fpr[fpr > 0]
+    if len(fpr) <= n or positive.size == 0:
+        idx = np.arange(len(fpr))
+    else:
+        grid = np.logspace(np.log10(positive.min()), 0.0, n - 1)
+        # the last point at or below each grid FPR: the best TAR that still meets that FAR
+        idx = np.unique(np.concatenate([[0], np.searchsorted(fpr, grid, side="right") - 1, [len(fpr) - 1]]))
+    return {"fpr": fpr[idx], "tpr": tpr[idx], "threshold": thr[idx]}
+
+
+def verification_metrics(
+    xq: np.ndarray,
+    yq: np.ndarray,
+    xb: np.ndarray,
+    yb: np.ndarray,
+    fars: Iterable[float] = FARS,
+    max_pairs: int = MAX_PAIRS,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """1:1 verification over all query×gallery pairs (genuine = same identity), score = cosine.
+
+    Returns ``({tar@far=...: TAR}, {"fpr", "tpr", "threshold"})``. TAR at a FAR is the highest TAR whose FAR
+    <= target, i.e. at the lowest threshold of sklearn's roc_curve that still meets the target. The ROC is
+    downsampled to <= 500 real points, log-spaced in FPR, for plotting.
+
+    When n_q·n_g > max_pairs, every genuine pair is kept and impostor pairs are subsampled (independent
+    Bernoulli draws from ``default_rng(seed)``, to about max_pairs in all): TARs are then estimates, reproducible
+    for a given seed. A FAR is NaN when the impostor pairs used cannot resolve it (n_impostor·FAR < 1).
+    """
+    xq, yq, xb, yb = _check_inputs(xq, yq, xb, yb)
+    fars = tuple(float(f) for f in fars)
+    genuine, impostor = _pair_scores(xq, yq, xb, yb, max_pairs, seed)
+    if genuine.size == 0:
+        raise ValueError("no genuine pair: query and gallery share no identity")
+    out = {tar_name(f): math.nan for f in fars}
+    if impostor.size == 0:
+        return out, {"fpr": np.zeros(0), "tpr": np.zeros(0), "threshold": np.zeros(0)}
+    y_true = np.concatenate([np.ones(genuine.size, dtype=np.int8), np.zeros(impostor.size, dtype=np.int8)])
+    fpr, tpr, thr = roc_curve(y_true, np.concatenate([genuine, impostor]), drop_intermediate=False)
+    for far in fars:
+        if impostor.size * far < 1:
+            continue  # NaN: fewer than one impostor pair per FAR step
+        i = np.searchsorted(fpr, far, side="right") - 1  # fpr is non-decreasing; fpr[0] = 0
+        out[tar_name(far)] = float(tpr[i])
+    return out, _downsample_roc(fpr, tpr, thr, _ROC_POINTS)
+
+
+def _evaluate(
+    xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    metrics = retrieval_metrics(xq, yq, xb, yb, ks=TOP_KS)
+    tars, roc = verification_metrics(xq, yq, xb, yb, fars=FARS)
+    return {**metrics, **tars}, roc
+
+
+def evaluate_pair(xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray) -> dict[str, float]:
+    """Every metric in METRICS for queries xq (one model) against gallery xb (the same or another model)."""
+    return _evaluate(xq, yq, xb, yb)[0]
+
+
+# ------------------------------------------------------------------------------------------- compatibility
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    return "NaN" if math.isnan(v) else f"{v:.4f}"
+
+
+def _json_float(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+@dataclass(frozen=True)
+class CompatibilityTable:
+    """Metrics per (query model, gallery model) pair, with the ROC points of each pair."""
+
+    rows: dict[tuple[str, str], dict[str, float]]
+    rocs: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Metric columns: canonical ones first, in METRICS order, then any others."""
+        seen = [m for row in self.rows.values() for m in row]
+        return (*(m for m in METRICS if m in seen), *dict.fromkeys(m for m in seen if m not in METRICS))
+
+    def to_dict(self) -> dict:
+        """JSON-friendly: {"new/old": {metric: value}}, NaN as None."""
+        return {pair_name(*p): {m: _json_float(v) for m, v in row.items()} for p, row in self.rows.items()}
+
+    def markdown(self, criterion: Criterion | None = None) -> str:
+        cols = self.metrics
+        lines = ["| query/gallery | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for pair, row in self.rows.items():
+            lines.append(f"| {pair_name(*pair)} | " + " | ".join(_fmt(row.get(m)) for m in cols) + " |")
+        if criterion is not None:
+            lines += ["", criterion.markdown(cols)]
+        return "\n".join(lines) + "\n"
+
+    def rich_table(self, criterion: Criterion | None = None) -> Table:
+        cols = self.metrics
+        title = "Compatibility" if criterion is None else f"Compatibility: {'PASSED' if criterion.passed else 'FAILED'}"
+        table = Table(title=title)
+        table.add_column("query/gallery")
+        for m in cols:
+            table.add_column(m, justify="right")
+        for pair, row in self.rows.items():
+            table.add_row(pair_name(*pair), *(_fmt(row.get(m)) for m in cols))
+        if criterion is not None:
+            table.add_section()
+            for label, cells in criterion.verdict_rows(cols):
+                table.add_row(label, *cells)
+        return table
+
+
+def compatibility_table(
+    features: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    yq: np.ndarray,
+    yb: np.ndarray,
+    pairs: Sequence[tuple[str, str]],
+) -> CompatibilityTable:
+    """Evaluate each (query model, gallery model) pair; features[model] = (query feats, gallery feats) of that
+    model on the same query and gallery images, in the order of yq and yb."""
+    unknown = sorted({m for p in pairs for m in p} - set(features))
+    if unknown:
+        raise ValueError(f"no features for model(s) {unknown}; known: {sorted(features)}")
+    rows, rocs = {}, {}
+    for query, gallery in pairs:
+        rows[(query, gallery)], rocs[(query, gallery)] = _evaluate(features[query][0], yq, features[gallery][1], yb)
+    return CompatibilityTable(rows=rows, rocs=rocs)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """BCT's empirical compatibility criterion, per metric, and the deployment gate built on it."""
+
+    cross: dict[str, bool]  # new/old > old/old
+    self_: dict[str, bool]  # new/new > old/old
+    gate_metrics: tuple[str, ...]
+    passed: bool  # every gate metric passes both checks
+    reasons: list[str]  # one line per failed gate check, with the numbers
+    update_gain: dict[str, float] | None = None  # (new/old − old/old) / (paragon − old/old)
+    retention: dict[str, float] | None = None  # new/new / paragon
+    new: str = "new"
+    old: str = "old"
+    paragon: str | None = None
+
+    def to_dict(self) -> dict:
+        def floats(d: dict[str, float] | None) -> dict[str, float | None] | None:
+            return None if d is None else {m: _json_float(v) for m, v in d.items()}
+
+        return {
+            "passed": self.passed,
+            "gate_metrics": list(self.gate_metrics),
+            "cross": dict(self.cross),
+            "self": dict(self.self_),
+            "reasons": list(self.reasons),
+            "update_gain": floats(self.update_gain),
+            "retention": floats(self.retention),
+            "models": {"new": self.new, "old": self.old, "paragon": self.paragon},
+        }
+
+    def verdict_rows(self, cols: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """(label, one cell per metric) rows: gate marks, cross and self verdicts, update gain, retention."""
+        n, o, p = self.new, self.old, self.paragon
+        mark = {True: "✓", False: "✗"}
+        rows = [
+            ("gate", ["●" if m in self.gate_metrics else "" for m in cols]),
+            (f"cross: {n}/{o} > {o}/{o}", [mark[self.cross[m]] if m in self.cross else "" for m in cols]),
+            (f"self: {n}/{n} > {o}/{o}", [mark[self.self_[m]] if m in self.self_ else "" for m in cols]),
+        ]
+        if self.update_gain is not None:
+            rows.append((f"update gain (vs {p}/{p})", [_fmt(self.update_gain.get(m)) for m in cols]))
+        if self.retention is not None:
+            rows.append((f"retention {n}/{n} ÷ {p}/{p}", [_fmt(self.retention.get(m)) for m in cols]))
+        return rows
+
+    def markdown(self, cols: Sequence[str] | None = None) -> str:
+        cols = tuple(cols) if cols is not None else tuple(self.cross)
+        lines = ["| verdict | " + " | ".join(cols) + " |", "|---|" + ":---:|" * len(cols)]
+        lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in self.verdict_rows(cols)]
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines += ["", f"**Compatibility gate ({', '.join(self.gate_metrics)}): {verdict}**"]
+        lines += [f"- {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+def criterion(
+    table: CompatibilityTable,
+    new: str = "new",
+    old: str = "old",
+    paragon: str | None = "paragon",
+    gate_metrics: Sequence[str] = ("top1", tar_name(1e-3)),
+) -> Criterion:
+    """Apply new/old > old/old and new/new > old/old (strict: a tie fails; NaN fails) to every metric.
+
+    The gate passes when every gate metric passes both. Update gain and retention need a paragon/paragon row
+    (a model trained with no compatibility term); without one they are None. A zero denominator gives NaN.
+    """
+    need = {"old/old": (old, old), "new/old": (new, old), "new/new": (new, new)}
+    missing = [pair_name(*p) for p in need.values() if p not in table.rows]
+    if missing:
+        raise ValueError(f"criterion needs rows {missing}; table has {[pair_name(*p) for p in table.rows]}")
+    oo, no, nn = (table.rows[p] for p in need.values())
+    metrics = [m for m in table.metrics if m in oo and m in no and m in nn]
+    gate_metrics = tuple(gate_metrics)
+    if not gate_metrics:
+        raise ValueError("gate_metrics is empty: the gate would pass vacuously")
+    unknown = [m for m in gate_metrics if m not in metrics]
+    if unknown:
+        raise ValueError(f"unknown gate metric(s) {unknown}; known: {metrics}")
+
+    cross = {m: bool(no[m] > oo[m]) for m in metrics}  # NaN compares False
+    self_ = {m: bool(nn[m] > oo[m]) for m in metrics}
+    reasons = []
+    for m in gate_metrics:
+        for ok, label, value in ((cross[m], f"{new}/{old}", no[m]), (self_[m], f"{new}/{new}", nn[m])):
+            if ok:
+                continue
+            if math.isnan(value) or math.isnan(oo[m]):
+                reasons.append(f"{m}: {label} {_fmt(value)} vs {old}/{old} {_fmt(oo[m])} (NaN: not measurable)")
+            else:
+                reasons.append(f"{m}: {label} {value:.4f} <= {old}/{old} {oo[m]:.4f}")
+
+    update_gain = retention = None
+    pp = table.rows.get((paragon, paragon)) if paragon is not None else None
+    if pp is not None:
+        update_gain = {m: _ratio(no[m] - oo[m], pp[m] - oo[m]) for m in metrics if m in pp}
+        retention = {m: _ratio(nn[m], pp[m]) for m in metrics if m in pp}
+    return Criterion(
+        cross=cross,
+        self_=self_,
+        gate_metrics=gate_metrics,
+        passed=not reasons,
+        reasons=reasons,
+        update_gain=update_gain,
+        retention=retention,
+        new=new,
+        old=old,
+        paragon=paragon if pp is not None else None,
+    )
+
+
+def _ratio(num: float, den: float) -> float:
+    return math.nan if den == 0 or math.isnan(num) or math.isnan(den) else num / den

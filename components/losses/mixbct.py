@@ -1,0 +1,82 @@
+"""MixBCT (Liang et al., "MixBCT: Towards Self-Adapting Backward-Compatible Training",
+arXiv:2308.06948, 2023/2024), exactly as method.md describes the authors' code.
+
+Each step, on a batch of b new features f [b, d] with labels y:
+  1. among the batch's *credible* samples, choose floor(α·b) at random (a seeded generator);
+  2. replace those rows of f with the L2-normalised old features of the same images (row replacement);
+  3. one ArcFace loss (s = 64, m = 0.5) on the mixed batch, against the new model's own classifier W.
+No other term, no weight. Replaced rows are constants, so the backbone gets gradient only from the other rows
+while W gets it from all rows: old features pull each prototype W_y toward the old cluster.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from components.losses import CompatibilityMethod, register_method
+from components.losses.arcface import ArcFaceHead
+
+
+def choose_rows(credible: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of floor(α·b) rows drawn uniformly without replacement among the credible ones.
+
+    When fewer than floor(α·b) rows are credible, all credible rows are taken.
+    """
+    b = credible.numel()
+    k = math.floor(alpha * b)
+    candidates = torch.nonzero(credible, as_tuple=False).flatten()  # [n_credible]
+    if k == 0 or candidates.numel() == 0:
+        return candidates[:0]
+    order = torch.randperm(candidates.numel(), generator=generator)
+    return candidates[order[: min(k, candidates.numel())]]
+
+
+def mix_features(new: torch.Tensor, old: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Copy of `new` [b, d] whose `rows` are the L2-normalised, detached `old` rows (no gradient path)."""
+    replacement = F.normalize(old[rows].detach().to(new.dtype), dim=1)  # [k, d]
+    return new.index_put((rows,), replacement)  # out of place: grads flow to the untouched rows only
+
+
+class MixBCT(CompatibilityMethod):
+    needs_old_features = True
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        alpha: float = 0.3,
+        seed: int = 0,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
+        self.alpha = alpha
+        # The authors' code leaves the subset unseeded; a seeded generator makes runs (and resumes) exact.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, new, labels, old=None, credible=None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if old is None or credible is None:
+            raise ValueError("MixBCT needs the old features and the credible mask of the batch")
+        if old.shape != new.shape:
+            raise ValueError(f"old features {tuple(old.shape)} and new features {tuple(new.shape)} differ in shape")
+        rows = choose_rows(credible, self.alpha, self.generator)
+        mixed = mix_features(new, old, rows)  # [b, d]
+        loss = self.head(mixed, labels)
+        return {"loss": loss, "cls": loss.detach(), "mixed_rows": torch.tensor(float(rows.numel()))}
+
+    # The generator's state travels in state_dict, so a resumed run draws the same subsets.
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@register_method("mixbct")
+def build(**kwargs: object) -> CompatibilityMethod:
+    return MixBCT(**kwargs)  # type: ignore[arg-type]

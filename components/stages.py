@@ -1,0 +1,346 @@
+"""The upgrade's steps as plain functions: one per DVC stage and per Prefect task.
+
+Each reads its inputs from, and writes its outputs under, a `Paths` work folder, and returns a small
+JSON-friendly summary (paths, hashes, numbers), never tensors. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LegacyConfig, OldConfig, TrainConfig
+from components.errors import DataError
+from components.io import atomic_dir, file_sha256, save_npy, tree_sha256, write_json, write_text
+from components.paths import Paths
+from components.progress import bar
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def set_threads(n: int) -> None:
+    """torch and faiss each bring OpenMP: pin both (stack-notes)."""
+    torch.set_num_threads(n)
+    from components.evaluate import set_threads as faiss_threads
+
+    faiss_threads(n)
+
+
+def load_manifest(paths: Paths) -> pd.DataFrame:
+    if not paths.manifest.is_file():
+        raise DataError(f"{paths.manifest}: dataset manifest not found (run the prepare stage first)")
+    return pd.read_csv(paths.manifest, dtype={"identity": str, "source": str, "id": str, "split": str})
+
+
+def load_images(paths: Paths) -> np.ndarray:
+    return np.load(paths.images, mmap_mode="r")
+
+
+def split_arrays(paths: Paths, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images [n, H, W] uint8, labels [n]) of one split, in manifest order."""
+    from components.data.manifest import split_rows
+
+    manifest = load_manifest(paths)
+    rows = split_rows(manifest, split)
+    return np.asarray(load_images(paths)[rows]), manifest["label"].to_numpy()[rows].astype(np.int64)
+
+
+def prepare(cfg: DataConfig, paths: Paths, workers: int = 2) -> dict[str, Any]:
+    """Manifest -> Great Expectations suite -> pixels. A failed expectation stops here, before any training."""
+    from components.data.manifest import build_manifest, decoder, materialize, num_classes
+    from components.validation import validate_manifest
+
+    manifest = build_manifest(cfg)
+    classes = num_classes(manifest)
+    report = validate_manifest(
+        manifest,
+        classes,
+        decode=decoder(cfg),
+        source_name=cfg.root,
+        report_path=paths.reports / "data_validation.md",
+        shared_train_samples=cfg.scenario.startswith("extended"),
+    )
+    report.raise_for_failure(paths.reports / "data_validation.md")
+    with bar("render dataset" if cfg.source == "kanjivg" else "load images", 1) as advance:
+        images = materialize(cfg, manifest, workers=workers)
+        advance(1)
+    with atomic_dir(paths.dataset) as tmp:
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+        np.save(tmp / "images.npy", images)
+        write_json(tmp / "summary.json", {"rows": len(manifest), "classes": classes, "splits": _split_counts(manifest)})
+    return {"manifest": str(paths.manifest), "rows": len(manifest), "classes": classes, "data_hash": data_hash(cfg)}
+
+
+def _split_counts(manifest: pd.DataFrame) -> dict[str, int]:
+    return {k: int(v) for k, v in manifest["split"].value_counts().sort_index().items()}
+
+
+def data_hash(cfg: DataConfig) -> str:
+    return tree_sha256(cfg.root)
+
+
+# ----------------------------------------------------------------------------------------------- legacy
+
+
+def legacy_info(paths: Paths) -> dict[str, Any]:
+    info = paths.legacy / "info.json"
+    if not info.is_file():
+        raise DataError(f"{info}: legacy model not found (run the legacy stage first)")
+    return json.loads(info.read_text())
+
+
+def old_model_path(paths: Paths) -> Path:
+    return paths.legacy / legacy_info(paths)["model"]
+
+
+def gallery_path(paths: Paths) -> Path:
+    return paths.legacy / "gallery.npy"
+
+
+def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, threads: int = 2) -> dict[str, Any]:
+    """The system a user already has: an old model and the gallery embeddings it wrote.
+
+    With `old.model`/`old.gallery` set, those files are imported as they are; otherwise a small CNN is trained
+    on the old split (softmax or ArcFace head) and the gallery is embedded with it.
+    """
+    from components.embed import export_onnx, extract, load_embedder, onnx_parity, save_backbone
+
+    with atomic_dir(paths.legacy) as out:
+        if old.model is not None and old.gallery is not None:
+            src = Path(old.model)
+            embedder = load_embedder(src, threads=threads)  # fails early, naming the file, if unreadable
+            shutil.copyfile(src, out / f"model{src.suffix}")
+            gallery = _load_gallery_file(Path(old.gallery))
+            save_npy(out / "gallery.npy", gallery)
+            info = {
+                "origin": "imported",
+                "model": f"model{src.suffix}",
+                "source_model": str(src),
+                "source_gallery": str(old.gallery),
+                "embedding_dim": embedder.dim,
+            }
+        else:
+            from components.losses.arcface import ArcFaceHead, SoftmaxHead
+            from components.models import build_backbone
+            from components.task import ClassifierTask
+            from components.train import LoopConfig, TrainArrays, fit
+
+            torch.manual_seed(cfg.seed)
+            images, labels = split_arrays(paths, "old_train")
+            if len(labels) == 0:
+                raise DataError("old_train split is empty: set old.model and old.gallery, or data.old_fraction > 0")
+            n_classes = int(labels.max()) + 1
+            backbone = build_backbone(cfg.arch, cfg.embedding_dim, image_size)
+            head = SoftmaxHead(cfg.embedding_dim, n_classes) if cfg.head == "softmax" else ArcFaceHead(
+                cfg.embedding_dim, n_classes
+            )
+            loop = LoopConfig(
+                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
+            )  # fmt: skip
+            steps = (len(labels) // cfg.batch_size) * cfg.epochs
+            with bar(f"train old model ({cfg.arch}, {cfg.head})", steps) as advance:
+                history = fit(
+                    ClassifierTask(backbone, head), backbone, TrainArrays(images, labels), loop,
+                    checkpoint=paths.root / "checkpoints" / f"legacy-{_checkpoint_key(cfg, image_size, file_sha256(paths.manifest))}.pt",
+                    progress=lambda s, t: advance(1),
+                )  # fmt: skip
+            backbone.eval()
+            save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
+            export_onnx(backbone, out / "model.onnx", image_size)
+            gallery_images, _ = split_arrays(paths, "gallery")
+            parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
+            if parity > 1e-4:
+                raise RuntimeError(f"{out / 'model.onnx'}: ONNX differs from torch by {parity:.2e}")
+            embedder = load_embedder(out / "model.onnx", threads=threads)
+            gallery = extract(embedder, gallery_images)
+            save_npy(out / "gallery.npy", gallery)
+            write_json(out / "history.json", history)
+            _write_history_csv(out / "history.csv", history)
+            info = {"origin": "trained", "model": "model.onnx", "embedding_dim": cfg.embedding_dim, "onnx_parity": parity}
+        info["model_sha256"] = file_sha256(out / info["model"])
+        info["gallery_sha256"] = file_sha256(out / "gallery.npy")
+        write_json(out / "info.json", info)
+    return info
+
+
+def _load_gallery_file(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read gallery embeddings as .npy ({err})") from err
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _checkpoint_key(*parts: Any) -> str:
+    import hashlib
+
+    text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    write_text(path, pd.DataFrame(history).to_csv(index=False))
+
+
+# ----------------------------------------------------------------------------------------------- extract
+
+
+def validate_gallery(paths: Paths, embedding_dim: int, suite: str = "legacy_gallery") -> dict[str, Any]:
+    """GX suite on the legacy gallery embeddings: shape, finiteness, norms, row count = gallery manifest."""
+    from components.data.manifest import split_rows
+    from components.validation import validate_embeddings
+
+    gallery = np.load(gallery_path(paths), allow_pickle=False)
+    n_gallery = len(split_rows(load_manifest(paths), "gallery"))
+    source = legacy_info(paths).get("source_gallery", str(gallery_path(paths)))
+    report_path = paths.reports / f"{suite}_validation.md"
+    report = validate_embeddings(gallery, embedding_dim, n_gallery, source_name=source, suite=suite, report_path=report_path)
+    report.raise_for_failure(report_path)
+    return {"suite": suite, "success": report.success, "report": str(report_path)}
+
+
+def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: Paths, threads: int = 2) -> dict[str, Any]:
+    """Old features of every new-training image (dataset order) and MixBCT's credible mask (T = keep)."""
+    from components.credible import credible_mask
+    from components.embed import check_compatible_dims, extract, load_embedder
+
+    embedder = load_embedder(old_model_path(paths), threads=threads)
+    check_compatible_dims(embedder, embedding_dim, image_size)
+    validate_gallery(paths, embedding_dim)
+    images, labels = split_arrays(paths, "new_train")
+    with bar(f"extract old features ({Path(embedder.source).name})", len(images)) as advance:
+        feats = extract(embedder, images, batch_size=cfg.batch_size, progress=advance)
+    if not np.isfinite(feats).all():
+        raise DataError(f"{embedder.source}: old model produced non-finite features on the new training set")
+    mask = credible_mask(feats, labels, keep=cfg.credible_keep)
+    summary = {"rows": len(feats), "credible": int(mask.sum()), "credible_fraction": float(mask.mean())}
+    with atomic_dir(paths.old_features) as out:
+        np.save(out / "features.npy", feats)
+        np.save(out / "credible.npy", mask)
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new") -> dict[str, Any]:
+    """Train the new model (role "new": cfg.method) or the paragon (role "paragon": method "none")."""
+    from components.embed import export_onnx, onnx_parity, save_backbone
+    from components.losses import build_method
+    from components.models import build_backbone
+    from components.task import CompatibleTask
+    from components.train import LoopConfig, TrainArrays, fit
+
+    method_name = cfg.method if role == "new" else "none"
+    torch.manual_seed(cfg.seed)
+    images, labels = split_arrays(paths, "new_train")
+    n_classes = int(labels.max()) + 1
+    backbone = build_backbone(cfg.arch, cfg.embedding_dim, image_size)
+    method = build_method(
+        method_name, embedding_dim=cfg.embedding_dim, num_classes=n_classes, s=cfg.arcface_s, m=cfg.arcface_m,
+        alpha=cfg.alpha, seed=cfg.seed,
+    )  # fmt: skip
+    old = credible = None
+    fingerprint_parts: list[Any] = [cfg.model_dump(exclude={"paragon", "threads"}), role, image_size]
+    if method.needs_old_features:
+        old = np.load(paths.old_features / "features.npy")
+        credible = np.load(paths.old_features / "credible.npy")
+        if old.shape[1] != cfg.embedding_dim:
+            from components.errors import IncompatibleModel
+
+            raise IncompatibleModel(
+                f"{paths.old_features / 'features.npy'}: old features are {old.shape[1]}-d, "
+                f"train.embedding_dim is {cfg.embedding_dim}"
+            )
+        fingerprint_parts.append(file_sha256(paths.old_features / "features.npy"))
+    fingerprint_parts.append(file_sha256(paths.manifest))
+    loop = LoopConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, hflip=cfg.hflip, seed=cfg.seed,
+    )  # fmt: skip
+    task = CompatibleTask(backbone, method)
+    steps = (len(labels) // cfg.batch_size) * cfg.epochs
+    with bar(f"train {role} ({cfg.arch}, method={method_name})", steps) as advance:
+        history = fit(
+            task, backbone, TrainArrays(images, labels, old, credible), loop,
+            checkpoint=paths.root / "checkpoints" / f"{role}-{_checkpoint_key(*fingerprint_parts)}.pt",
+            progress=lambda s, t: advance(1),
+        )  # fmt: skip
+    backbone.eval()
+    gallery_images, _ = split_arrays(paths, "gallery")
+    with atomic_dir(paths.model_dir(role)) as out:
+        save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
+        export_onnx(backbone, out / "model.onnx", image_size)
+        parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=cfg.threads)
+        write_json(out / "history.json", history)
+        _write_history_csv(out / "history.csv", history)
+        info = {"role": role, "method": method_name, "epochs": cfg.epochs, "onnx_parity": parity}
+        write_json(out / "info.json", info)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, Any]:
+    """Cross-model table over old/old, new/old, new/new (+ paragon rows) and the compatibility criterion.
+
+    The old gallery side is the stored legacy gallery file, exactly what production serves; it is never
+    re-embedded.
+    """
+    from components.embed import extract, load_embedder
+    from components.evaluate import compatibility_table, criterion
+
+    manifest = load_manifest(paths)
+    query_images, yq = split_arrays(paths, "query")
+    gallery_images, yb = split_arrays(paths, "gallery")
+    old = load_embedder(old_model_path(paths), threads=threads)
+    features = {"old": (extract(old, query_images), np.load(gallery_path(paths)).astype(np.float32))}
+    pairs = [("old", "old")]
+    for role in ("new", "paragon"):
+        model = paths.model_dir(role) / "model.onnx"
+        if model.is_file():
+            emb = load_embedder(model, threads=threads)
+            features[role] = (extract(emb, query_images), extract(emb, gallery_images))
+            pairs += [(role, "old"), (role, role)]
+    if "new" not in features:
+        raise DataError(f"{paths.model_dir('new') / 'model.onnx'}: new model not found (run the train stage first)")
+    _validate_new_gallery(paths, features["new"][1], len(manifest[manifest["split"] == "gallery"]))
+    table = compatibility_table(features, yq, yb, pairs)
+    verdict = criterion(table, gate_metrics=cfg.gate_metrics, paragon="paragon" if "paragon" in features else None)
+    with atomic_dir(paths.eval) as out:
+        write_json(out / "metrics.json", {"pairs": table.to_dict(), "criterion": verdict.to_dict()})
+        write_text(out / "table.md", table.markdown(verdict))
+        for (q, g), roc in table.rocs.items():
+            frame = pd.DataFrame({"fpr": roc["fpr"], "tpr": roc["tpr"]})
+            frame["pair"] = f"{q}/{g}"
+            _write_history_csv(out / f"roc_{q}_{g}.csv", frame.to_dict("records"))
+    return {"passed": verdict.passed, "reasons": verdict.reasons, "table": str(paths.eval / "table.md")}
+
+
+def _validate_new_gallery(paths: Paths, gallery: np.ndarray, n_gallery: int) -> None:
+    from components.validation import validate_embeddings
+
+    report_path = paths.reports / "new_gallery_validation.md"
+    report = validate_embeddings(
+        gallery, gallery.shape[1] if gallery.ndim == 2 else -1, n_gallery,
+        source_name=str(paths.model_dir("new") / "model.onnx"), suite="new_gallery", report_path=report_path,
+    )  # fmt: skip
+    report.raise_for_failure(report_path)
+
+
+def fingerprint(cfg: Config, data_hash: str, paths: Paths) -> dict[str, str]:
+    """Content hashes that identify an upgrade's inputs: params, data, old model, gallery."""
+    import hashlib
+
+    info = legacy_info(paths)
+    params = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).hexdigest()
+    return {"params": params, "data": data_hash, "old_model": info["model_sha256"], "gallery": info["gallery_sha256"]}

@@ -1,0 +1,195 @@
+"""`mixbct`: the command line for the user's tasks (upgrade, one stage, evaluate two models, show the table)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from components.errors import UpgradeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+}
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="folder for stage outputs")]
+SetOpt = Annotated[list[str], typer.Option("--set", "-S", help="override a parameter, e.g. -S train.method=none")]
+
+
+def _environment() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+
+
+def _overrides(items: list[str] | None, **named: Any) -> dict[str, Any]:
+    from components.config import parse_override
+
+    out = dict(parse_override(s) for s in items or [])
+    out.update({k: v for k, v in named.items() if v is not None})
+    return out
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    report = getattr(err, "report", None)
+    if report:
+        console.print(f"report: {report}")
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def upgrade(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = Path("artifacts"),
+    set_: SetOpt = None,  # type: ignore[assignment]
+    data_root: Annotated[str | None, typer.Option(help="raw data folder (data.root)")] = None,
+    source: Annotated[str | None, typer.Option(help="kanjivg or imagefolder (data.source)")] = None,
+    old_model: Annotated[str | None, typer.Option(help="existing old model, .onnx or .pt (old.model)")] = None,
+    gallery: Annotated[str | None, typer.Option(help="existing gallery embeddings .npy (old.gallery)")] = None,
+) -> None:
+    """Run the upgrade flow: validate, extract old features, train, evaluate, register if compatible."""
+    _environment()
+    try:
+        from components.config import load_config
+
+        overrides = _overrides(set_, **{"data.root": data_root, "data.source": source, "old.model": old_model, "old.gallery": gallery})
+        load_config(params, overrides)  # fail on bad params before Prefect starts
+        from flows.upgrade import upgrade as upgrade_flow
+
+        result = upgrade_flow(params=str(params), workdir=str(workdir), overrides=overrides)
+    except UpgradeError as err:
+        _fail(err)
+    _summary(result)
+
+
+def _summary(result: dict[str, Any]) -> None:
+    from components.config import load_config  # noqa: F401  (keeps import order cheap)
+
+    reg = result["register"]
+    out = Console()
+    out.print()
+    if reg.get("registered"):
+        out.print(f"[bold green]compatible[/]: registered {reg['model_name']} version {reg['version']} as @{reg['alias']}")
+    else:
+        out.print(f"[bold yellow]not registered[/]: {reg.get('reason')}")
+    out.print(f"MLflow run: {reg['run_id']} (experiment {reg['experiment_id']}); browse with `make mlflow-ui`")
+    out.print(f"table: {result['evaluate']['table']}")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="prepare | legacy | extract | train | paragon | evaluate | register")],
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = Path("artifacts"),
+    set_: SetOpt = None,  # type: ignore[assignment]
+) -> None:
+    """Run one stage directly, without Prefect (what dvc.yaml calls)."""
+    _environment()
+    from components import stages
+    from components.config import load_config
+    from components.paths import Paths
+
+    try:
+        cfg = load_config(params, _overrides(set_))
+        paths = Paths(workdir)
+        stages.set_threads(cfg.train.threads)
+        size, threads = cfg.data.image_size, cfg.train.threads
+        runners = {
+            "prepare": lambda: stages.prepare(cfg.data, paths),
+            "legacy": lambda: stages.legacy(cfg.legacy, cfg.old, size, paths, threads),
+            "extract": lambda: stages.extract_old(cfg.extract, cfg.train.embedding_dim, size, paths, threads),
+            "train": lambda: stages.train(cfg.train, size, paths, "new"),
+            "paragon": lambda: stages.train(cfg.train, size, paths, "paragon"),
+            "evaluate": lambda: stages.evaluate(cfg.evaluate, paths, threads),
+            "register": lambda: _register(cfg, paths, params),
+        }
+        if name not in runners:
+            raise UpgradeError(f"unknown stage {name!r}; known: {', '.join(runners)}")
+        result = runners[name]()
+    except UpgradeError as err:
+        _fail(err)
+    if name == "evaluate":
+        Console().print((Path(workdir) / "eval" / "table.md").read_text())
+    console.print_json(json.dumps(result, default=str))
+
+
+def _register(cfg: Any, paths: Any, params: Path) -> dict[str, Any]:
+    from components import registry, stages
+    out = registry.track_and_register(cfg, paths, stages.fingerprint(cfg, stages.data_hash(cfg.data), paths))
+    from components.io import write_json
+
+    write_json(paths.registration, out)
+    return out
+
+
+@app.command()
+def evaluate(
+    query_model: Annotated[Path, typer.Option(help="model embedding the queries (.onnx or .pt), e.g. the new one")],
+    gallery_model: Annotated[Path, typer.Option(help="model that embedded the gallery (.onnx or .pt), e.g. the old one")],
+    query_dir: Annotated[Path, typer.Option(help="ImageFolder of query images: root/<identity>/<image>")],
+    gallery_dir: Annotated[Path, typer.Option(help="ImageFolder of gallery images: root/<identity>/<image>")],
+    image_size: Annotated[int, typer.Option(help="resize images to this size")] = 32,
+    threads: Annotated[int, typer.Option(help="torch/faiss/onnxruntime threads")] = 2,
+) -> None:
+    """Compare two models on your own query/gallery folders: old/old, new/old, new/new and the criterion."""
+    _environment()
+    import numpy as np
+
+    from components.data.imagefolder import load_images, scan
+    from components.embed import extract, load_embedder
+    from components.evaluate import compatibility_table, criterion
+    from components.stages import set_threads
+
+    try:
+        set_threads(threads)
+        new, old = load_embedder(query_model, threads), load_embedder(gallery_model, threads)
+        if new.dim != old.dim:
+            raise UpgradeError(f"{query_model}: {new.dim}-d embeddings cannot be compared with {gallery_model}: {old.dim}-d")
+        q, g = scan(query_dir), scan(gallery_dir)
+        names = {n: i for i, n in enumerate(sorted({i for _, i in q} | {i for _, i in g}))}
+        yq = np.array([names[i] for _, i in q])
+        yb = np.array([names[i] for _, i in g])
+        xq_img, xb_img = load_images([p for p, _ in q], image_size), load_images([p for p, _ in g], image_size)
+        features = {
+            "old": (extract(old, xq_img), extract(old, xb_img)),
+            "new": (extract(new, xq_img), extract(new, xb_img)),
+        }
+        table = compatibility_table(features, yq, yb, [("old", "old"), ("new", "old"), ("new", "new")])
+    except (UpgradeError, ValueError) as err:
+        _fail(err)
+    Console().print(table.rich_table(criterion(table, paragon=None)))
+
+
+@app.command()
+def table(workdir: WorkdirOpt = Path("artifacts")) -> None:
+    """Print the comparison table of the last evaluation in WORKDIR."""
+    path = workdir / "eval" / "table.md"
+    if not path.is_file():
+        _fail(UpgradeError(f"{path}: no evaluation yet (run `mixbct upgrade` or `dvc repro`)"))
+    Console().print(path.read_text())
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

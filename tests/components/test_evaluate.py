@@ -1,0 +1,219 @@
+"""Retrieval, verification and compatibility-criterion properties on hand-made cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from components.evaluate import (
+    METRICS,
+    CompatibilityTable,
+    compatibility_table,
+    criterion,
+    evaluate_pair,
+    pair_name,
+    per_query_retrieval,
+    retrieval_metrics,
+    set_threads,
+    tar_name,
+    verification_metrics,
+)
+
+
+def unit(deg: float | np.ndarray) -> np.ndarray:
+    """Points on the unit circle [n, 2]: cosine between two of them = cos(angle difference)."""
+    a = np.deg2rad(np.atleast_1d(deg))
+    return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+
+
+def perfect(n_id: int = 10, per_id: int = 20, d: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each identity is one basis direction, scaled arbitrarily: cosine 1 within, 0 across identities."""
+    y = np.repeat(np.arange(n_id), per_id)
+    x = np.eye(d, dtype=np.float32)[y] * np.linspace(0.5, 3.0, len(y), dtype=np.float32)[:, None]
+    return x, y
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads() -> None:
+    set_threads(1)
+
+
+def test_metric_names() -> None:
+    assert METRICS == ("top1", "top5", "mAP", "tar@far=1e-4", "tar@far=1e-3", "tar@far=1e-2")
+    assert tar_name(0.25) == "tar@far=2.5e-1"
+    assert pair_name("new", "old") == "new/old"
+
+
+def test_perfect_embeddings_score_one() -> None:
+    x, y = perfect()  # 200 x 200 pairs: 36,000 impostors resolve FAR 1e-4
+    m = evaluate_pair(x, y, x, y)
+    assert set(m) == set(METRICS)
+    assert all(v == pytest.approx(1.0) for v in m.values()), m
+
+
+def test_hand_made_ranks_give_exact_ap() -> None:
+    # gallery on the unit circle at 10..50 degrees; a query's ranking is by angular distance
+    xb, yb = unit([10, 20, 30, 40, 50]), np.array(["A", "B", "A", "C", "B"])
+    xq, yq = unit([0, 60, 27]), np.array(["A", "B", "C"])
+    # q0 (0°):  g0 A, g1 B, g2 A, g3 C, g4 B -> relevant at 1, 3 -> AP = (1/1 + 2/3) / 2 = 5/6
+    # q1 (60°): g4 B, g3 C, g2 A, g1 B, g0 A -> relevant at 1, 4 -> AP = (1/1 + 2/4) / 2 = 3/4
+    # q2 (27°): g2 A, g1 B, g3 C, g0 A, g4 B -> relevant at 3    -> AP = 1/3
+    pq = per_query_retrieval(xq, yq, xb, yb, ks=(1, 2, 3))
+    np.testing.assert_allclose(pq["AP"], [5 / 6, 3 / 4, 1 / 3])
+    np.testing.assert_array_equal(pq["top1"], [True, True, False])
+    np.testing.assert_array_equal(pq["top3"], [True, True, True])
+    m = retrieval_metrics(xq, yq, xb, yb, ks=(1, 2, 3))
+    assert m["mAP"] == pytest.approx(23 / 36)
+    assert (m["top1"], m["top2"], m["top3"]) == pytest.approx((2 / 3, 2 / 3, 1.0))
+    # truncated at depth 2: AP@2 = hits·precision / min(n_relevant, 2) = 1/2, 1/2, 0
+    assert retrieval_metrics(xq, yq, xb, yb, map_cutoff=2)["mAP"] == pytest.approx(1 / 3)
+
+
+def test_top5_at_least_top1_and_inputs_untouched() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 30, size=300)
+    xb = rng.normal(size=(300, 8)).astype(np.float32)
+    xq = xb + rng.normal(scale=2.0, size=xb.shape).astype(np.float32)
+    before = xq.copy()
+    pq = per_query_retrieval(xq, y, xb, y)
+    assert np.all(pq["top5"] >= pq["top1"])
+    assert pq["top5"].mean() > pq["top1"].mean()  # noisy enough that the two differ
+    np.testing.assert_array_equal(xq, before)  # features are normalised on a copy
+
+
+def test_swapped_gallery_labels_give_known_top1() -> None:
+    x, y = perfect(n_id=4, per_id=5)
+    yb = y.copy()
+    yb[y == 0], yb[y == 1] = 1, 0  # identities 0 and 1 swap their gallery labels
+    m = retrieval_metrics(x, y, x, yb)
+    assert m["top1"] == pytest.approx(0.5)  # queries of 0 and 1 (half of them) find only the other identity
+    assert m["top5"] == pytest.approx(0.5)  # their 5 nearest are all the wrong identity
+
+
+def test_tar_at_far_matches_hand_computation() -> None:
+    genuine = [0.9, 0.8, 0.6, 0.3]
+    impostor = [0.85, 0.7, 0.5, 0.4, 0.35, 0.2, 0.1, 0.0, -0.1, -0.2]
+    xb = unit(np.rad2deg(np.arccos(genuine + impostor)))
+    yb = np.array([0] * 4 + [1] * 10)
+    xq, yq = unit(0.0), np.array([0])  # cosine with the query at 0° = the listed score
+    tars, roc = verification_metrics(xq, yq, xb, yb, fars=(0.05, 0.1, 0.25, 0.5))
+    # FAR <= 0.1 allows 1 impostor: threshold 0.8 accepts 0.9, 0.8 -> TAR 2/4
+    # FAR <= 0.25 allows 2: threshold 0.6 accepts 0.9, 0.8, 0.6 -> 3/4
+    # FAR <= 0.5 allows 5: threshold 0.3 accepts all genuine -> 1
+    assert tars[tar_name(0.1)] == pytest.approx(0.5)
+    assert tars[tar_name(0.25)] == pytest.approx(0.75)
+    assert tars[tar_name(0.5)] == pytest.approx(1.0)
+    assert math.isnan(tars[tar_name(0.05)])  # 10 impostors cannot resolve FAR 0.05
+    assert roc["fpr"][0] == 0 and roc["fpr"][-1] == 1 and roc["tpr"][-1] == 1
+
+
+def test_tar_nan_when_too_few_impostors() -> None:
+    x, y = perfect(n_id=2, per_id=10)  # 200 impostor pairs: 200 × 1e-3 < 1, 200 × 1e-2 = 2
+    tars, _ = verification_metrics(x, y, x, y)
+    assert math.isnan(tars["tar@far=1e-4"]) and math.isnan(tars["tar@far=1e-3"])
+    assert tars["tar@far=1e-2"] == pytest.approx(1.0)
+
+
+def test_roc_downsampled_and_impostors_subsampled_reproducibly() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 50, size=1200)
+    x = rng.normal(size=(1200, 8)).astype(np.float32)
+    tars, roc = verification_metrics(x, y, x, y)
+    assert len(roc["fpr"]) <= 500 and np.all(np.diff(roc["fpr"]) >= 0) and np.all(np.diff(roc["tpr"]) >= 0)
+    full = verification_metrics(x, y, x, y, fars=(1e-2,))[0]["tar@far=1e-2"]
+    a = verification_metrics(x, y, x, y, fars=(1e-2,), max_pairs=200_000, seed=3)[0]["tar@far=1e-2"]
+    b = verification_metrics(x, y, x, y, fars=(1e-2,), max_pairs=200_000, seed=3)[0]["tar@far=1e-2"]
+    assert a == b and abs(a - full) < 0.05
+
+
+def test_missing_query_identity_raises_naming_it() -> None:
+    xb, yb = unit([0, 90]), np.array(["alice", "bob"])
+    with pytest.raises(ValueError, match="carol"):
+        retrieval_metrics(unit([10, 80]), np.array(["alice", "carol"]), xb, yb)
+
+
+def table(rows: dict[str, dict[str, float]]) -> CompatibilityTable:
+    return CompatibilityTable(rows={tuple(k.split("/")): v for k, v in rows.items()}, rocs={})
+
+
+def test_criterion_strict_per_metric_and_gate() -> None:
+    t = table(
+        {
+            "old/old": {"top1": 0.50, "top5": 0.70, "tar@far=1e-3": 0.40},
+            "new/old": {"top1": 0.55, "top5": 0.70, "tar@far=1e-3": 0.45},  # top5 tie: a fail
+            "new/new": {"top1": 0.60, "top5": 0.80, "tar@far=1e-3": 0.50},
+        }
+    )
+    c = criterion(t)
+    assert c.cross == {"top1": True, "top5": False, "tar@far=1e-3": True}
+    assert c.self_ == {"top1": True, "top5": True, "tar@far=1e-3": True}
+    assert c.passed and c.reasons == []  # top5 fails, but it is not a gate metric
+    assert c.update_gain is None and c.retention is None  # no paragon row
+
+    c5 = criterion(t, gate_metrics=("top1", "top5"))
+    assert not c5.passed
+    assert c5.reasons == ["top5: new/old 0.7000 <= old/old 0.7000"]
+
+
+def test_criterion_nan_fails_with_reason() -> None:
+    t = table({"old/old": {"top1": 0.5}, "new/old": {"top1": math.nan}, "new/new": {"top1": 0.6}})
+    c = criterion(t, gate_metrics=("top1",))
+    assert not c.passed and c.cross["top1"] is False and "NaN" in c.reasons[0]
+    json.dumps(c.to_dict(), allow_nan=False)
+
+
+def test_update_gain_and_retention() -> None:
+    t = table(
+        {
+            "old/old": {"top1": 0.5, "mAP": 0.4},
+            "new/old": {"top1": 0.6, "mAP": 0.3},
+            "new/new": {"top1": 0.7, "mAP": 0.6},
+            "paragon/paragon": {"top1": 0.8, "mAP": 0.8},
+        }
+    )
+    c = criterion(t, gate_metrics=("top1",))
+    assert c.update_gain == pytest.approx({"top1": (0.6 - 0.5) / (0.8 - 0.5), "mAP": (0.3 - 0.4) / (0.8 - 0.4)})
+    assert c.retention == pytest.approx({"top1": 0.7 / 0.8, "mAP": 0.6 / 0.8})
+    assert criterion(t, gate_metrics=("top1",), paragon=None).update_gain is None
+    with pytest.raises(ValueError, match="unknown gate metric"):
+        criterion(t, gate_metrics=("top9",))
+
+
+def test_compatibility_table_rotated_model_fails_compatible_one_passes() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 32)).astype(np.float32)
+    yq, yb = np.repeat(np.arange(40), 5), np.repeat(np.arange(40), 5)
+
+    def model(noise: float, rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = centres[yq] + noise * rng.normal(size=(len(yq), 32)).astype(np.float32)
+        g = centres[yb] + noise * rng.normal(size=(len(yb), 32)).astype(np.float32)
+        return (q, g) if rotation is None else (q @ rotation, g @ rotation)
+
+    rotation = np.linalg.qr(rng.normal(size=(32, 32)))[0].astype(np.float32)
+    features = {"old": model(1.2), "new": model(0.6), "paragon": model(0.6, rotation)}
+    pairs = [("old", "old"), ("new", "old"), ("new", "new"), ("paragon", "old"), ("paragon", "paragon")]
+    t = compatibility_table(features, yq, yb, pairs)
+    assert criterion(t).passed  # default gate: top1 and tar@far=1e-3 (39,800 impostor pairs resolve it)
+    bad = criterion(t, new="paragon")
+    assert not bad.passed and not bad.cross["top1"] and bad.self_["top1"]
+    assert set(t.rocs) == set(t.rows)
+
+    md = t.markdown(criterion(t))
+    for p in pairs:
+        assert f"| {pair_name(*p)} |" in md
+    for m in METRICS:
+        assert m in md
+    assert "✓" in md and "update gain" in md and "retention" in md
+    d = t.to_dict()
+    assert set(d) == {pair_name(*p) for p in pairs}
+    json.dumps(d, allow_nan=False)
+    assert t.rich_table(bad).row_count == len(pairs) + 5
+
+
+def test_compatibility_table_unknown_model() -> None:
+    x, y = perfect(n_id=2, per_id=2)
+    with pytest.raises(ValueError, match="newer"):
+        compatibility_table({"old": (x, x)}, y, y, [("newer", "old")])
