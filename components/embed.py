@@ -99,15 +99,17 @@ def load_embedder(path: str | os.PathLike[str], threads: int = 2) -> Embedder:
     raise DataError(f"{path}: unknown model format (expected .onnx or .pt)")
 
 
-def check_compatible_dims(old: Embedder, new_dim: int, image_size: int) -> None:
+def check_compatible_dims(old: Embedder, new_dim: int, image_size: int, name: str | None = None) -> None:
+    """Refuse an old model whose embedding size or input size cannot pair with the new model."""
+    name = name or old.source
     if old.dim != new_dim:
         raise IncompatibleModel(
-            f"{old.source}: old model outputs {old.dim}-d embeddings but train.embedding_dim is {new_dim}; "
+            f"{name}: old model outputs {old.dim}-d embeddings but train.embedding_dim is {new_dim}; "
             "MixBCT replaces rows, so both must be equal"
         )
     if old.image_size not in (-1, image_size):
         raise IncompatibleModel(
-            f"{old.source}: old model expects {old.image_size}px inputs but data.image_size is {image_size}"
+            f"{name}: old model expects {old.image_size}px inputs but data.image_size is {image_size}"
         )
 
 

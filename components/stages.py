@@ -212,7 +212,7 @@ def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: 
     from components.embed import check_compatible_dims, extract, load_embedder
 
     embedder = load_embedder(old_model_path(paths), threads=threads)
-    check_compatible_dims(embedder, embedding_dim, image_size)
+    check_compatible_dims(embedder, embedding_dim, image_size, name=legacy_info(paths).get("source_model"))
     validate_gallery(paths, embedding_dim)
     images, labels = split_arrays(paths, "new_train")
     with bar(f"extract old features ({Path(embedder.source).name})", len(images)) as advance:

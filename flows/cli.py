@@ -10,11 +10,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from components.errors import UpgradeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a file name across lines
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -45,10 +46,10 @@ def _overrides(items: list[str] | None, **named: Any) -> dict[str, Any]:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    console.print(f"[bold red]error:[/] {escape(str(err))}")
     report = getattr(err, "report", None)
     if report:
-        console.print(f"report: {report}")
+        console.print(f"report: {escape(str(report))}")
     raise typer.Exit(code=1)
 
 
