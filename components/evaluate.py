@@ -298,6 +298,13 @@ class CompatibilityTable:
         """JSON-friendly: {"new/old": {metric: value}}, NaN as None."""
         return {pair_name(*p): {m: _json_float(v) for m, v in row.items()} for p, row in self.rows.items()}
 
+    @classmethod
+    def from_dict(cls, pairs: Mapping[str, Mapping[str, float | None]]) -> CompatibilityTable:
+        """Inverse of `to_dict` (ROC points are not kept there)."""
+        rows = {tuple(name.split("/", 1)): {m: float("nan") if v is None else float(v) for m, v in vals.items()}
+                for name, vals in pairs.items()}  # fmt: skip
+        return cls(rows=rows)  # type: ignore[arg-type]
+
     def markdown(self, criterion: Criterion | None = None) -> str:
         cols = self.metrics
         lines = ["| query/gallery | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

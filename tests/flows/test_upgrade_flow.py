@@ -24,6 +24,13 @@ def test_tiny_upgrade_flow_tracks_and_gates(params_factory, tmp_path: Path) -> N
     metrics = json.loads((work / "eval/metrics.json").read_text())
     assert {"old/old", "new/old", "new/new", "paragon/old", "paragon/paragon"} <= set(metrics["pairs"])
 
+    # The gate refuses the paragon (ArcFace alone): its queries cannot search the old gallery.
+    from components.evaluate import CompatibilityTable, criterion
+
+    paragon_gate = criterion(CompatibilityTable.from_dict(metrics["pairs"]), new="paragon", paragon=None)
+    assert not paragon_gate.passed
+    assert any("paragon/old" in r for r in paragon_gate.reasons)
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
     run = client.get_run(result["register"]["run_id"])
@@ -32,8 +39,8 @@ def test_tiny_upgrade_flow_tracks_and_gates(params_factory, tmp_path: Path) -> N
     assert run.data.tags["gate.passed"] == str(metrics["criterion"]["passed"])
     versions = client.search_model_versions("name='kanji-embedder'")
     if metrics["criterion"]["passed"]:
-        assert [v.version for v in versions] == ["1"]
-        assert client.get_model_version_by_alias("kanji-embedder", "challenger").version == "1"
+        assert [str(v.version) for v in versions] == ["1"]
+        assert str(client.get_model_version_by_alias("kanji-embedder", "challenger").version) == "1"
     else:  # the gate refused: nothing registered, and the run says why
         assert versions == []
         assert run.data.tags["registration"] == "refused"
