@@ -31,12 +31,12 @@ class DataConfig(Section):
     seed: int = 0
     scenario: Scenario = "open-class"
     # KanjiVG: identities are drawn from the raw folder; ImageFolder: every identity folder is used.
-    train_identities: int = Field(1000, ge=2)  # pool the old and new models train on (kanjivg only)
-    test_identities: int = Field(500, ge=2)  # never trained on; gallery + query renderings
+    train_identities: int = Field(4500, ge=2)  # pool the old and new models train on (kanjivg only)
+    test_identities: int = Field(2000, ge=2)  # never trained on; gallery + query renderings
     old_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # 30% of classes (open/extended-class) or of samples (-data)
-    samples_per_identity: int = Field(20, ge=2)  # training renderings per identity (kanjivg only)
-    gallery_per_identity: int = Field(2, ge=1)
-    query_per_identity: int = Field(3, ge=1)
+    samples_per_identity: int = Field(10, ge=2)  # training renderings per identity (kanjivg only)
+    gallery_per_identity: int = Field(1, ge=1)
+    query_per_identity: int = Field(2, ge=1)
 
 
 class LegacyConfig(Section):
