@@ -27,6 +27,12 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name).replace("__", "_")
 
 
+def run_url(cfg: RegisterConfig, experiment_id: str, run_id: str) -> str:
+    """Where a reviewer finds the run: the tracking server's page, or the local `mlflow ui` (make mlflow-ui)."""
+    base = cfg.tracking_uri if cfg.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def connect(cfg: RegisterConfig) -> str:
     """Point MLflow at the configured store; return the experiment id (created with an explicit artifact root)."""
     import mlflow
@@ -134,6 +140,8 @@ def track_and_register(cfg: Config, paths: Paths, fingerprint: dict[str, str]) -
             client.set_model_version_tag(reg.model_name, version.version, "run_id", run.info.run_id)
             client.set_model_version_tag(reg.model_name, version.version, "old_model_sha256", old["model_sha256"])
             client.set_model_version_tag(reg.model_name, version.version, "gallery_sha256", old["gallery_sha256"])
+            if "upgrade_key" in fingerprint:
+                client.set_model_version_tag(reg.model_name, version.version, "upgrade_key", fingerprint["upgrade_key"])
             client.set_registered_model_alias(reg.model_name, CHALLENGER, version.version)
         except Exception:
             # Atomic registration: a version without its tags and alias is worse than none.
@@ -142,3 +150,87 @@ def track_and_register(cfg: Config, paths: Paths, fingerprint: dict[str, str]) -
         mlflow.set_tag("registration", f"{reg.model_name}/{version.version}")
         result.update(registered=True, model_name=reg.model_name, version=int(version.version), alias=CHALLENGER)
         return result
+
+
+def find_registered(cfg: RegisterConfig, key: str) -> dict[str, Any] | None:
+    """The newest registered version whose inputs hash to `key` (tag `upgrade_key`), if any."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    connect(cfg)
+    try:
+        found = MlflowClient().search_model_versions(f"name='{cfg.model_name}' and tags.upgrade_key='{key}'")
+    except MlflowException:
+        return None  # no registered model yet
+    if not found:
+        return None
+    newest = max(found, key=lambda v: int(v.version))
+    return {"model_name": cfg.model_name, "version": int(newest.version), "run_id": newest.run_id}
+
+
+def _version_or_fail(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        raise UpgradeError(f"registered model {name!r} has no version {version}") from err
+
+
+def _alias_version(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(cfg: RegisterConfig, version: str | None = None) -> dict[str, Any]:
+    """Move `champion` to `version` (default: the current `challenger`).
+
+    Refused when the version does not exist, its gate did not pass, or it was checked against a different
+    gallery than the current champion serves (it would not be compatible with what production searches).
+    """
+    from mlflow import MlflowClient
+
+    connect(cfg)
+    client = MlflowClient()
+    if version is None:
+        challenger = _alias_version(client, cfg.model_name, CHALLENGER)
+        if challenger is None:
+            raise UpgradeError(f"registered model {cfg.model_name!r} has no @{CHALLENGER} to promote")
+        version = str(challenger.version)
+    candidate = _version_or_fail(client, cfg.model_name, version)
+    if candidate.tags.get("gate.passed") != "True":
+        raise UpgradeError(f"{cfg.model_name} version {version}: its compatibility gate did not pass; refusing to promote")
+    champion = _alias_version(client, cfg.model_name, CHAMPION)
+    if champion is not None:
+        if str(champion.version) == str(version):
+            raise UpgradeError(f"{cfg.model_name} version {version} is already @{CHAMPION}")
+        if champion.tags.get("gallery_sha256") != candidate.tags.get("gallery_sha256"):
+            raise UpgradeError(
+                f"{cfg.model_name} version {version} was checked against gallery "
+                f"{candidate.tags.get('gallery_sha256', '?')[:12]}, but @{CHAMPION} (version {champion.version}) serves "
+                f"gallery {champion.tags.get('gallery_sha256', '?')[:12]}; refusing to promote"
+            )
+        client.set_model_version_tag(cfg.model_name, version, "previous_champion", str(champion.version))
+    client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+    return {"model_name": cfg.model_name, "champion": int(version), "previous": None if champion is None else int(champion.version)}
+
+
+def rollback(cfg: RegisterConfig) -> dict[str, Any]:
+    """Move `champion` back to the version it replaced."""
+    from mlflow import MlflowClient
+
+    connect(cfg)
+    client = MlflowClient()
+    champion = _alias_version(client, cfg.model_name, CHAMPION)
+    if champion is None:
+        raise UpgradeError(f"registered model {cfg.model_name!r} has no @{CHAMPION} to roll back")
+    previous = champion.tags.get("previous_champion")
+    if not previous:
+        raise UpgradeError(f"{cfg.model_name} version {champion.version} is the first @{CHAMPION}; nothing to roll back to")
+    _version_or_fail(client, cfg.model_name, previous)
+    client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
+    return {"model_name": cfg.model_name, "champion": int(previous), "rolled_back_from": int(champion.version)}

@@ -337,6 +337,20 @@ def _validate_new_gallery(paths: Paths, gallery: np.ndarray, n_gallery: int) -> 
     report.raise_for_failure(report_path)
 
 
+def upgrade_key(cfg: Config) -> str:
+    """Content hash of everything an upgrade depends on: resolved params, raw data, a user's old model and gallery.
+
+    Computed before any work, so a scheduled run can tell in seconds that nothing changed.
+    """
+    import hashlib
+
+    parts = {"params": cfg.as_dict(), "data": data_hash(cfg.data)}
+    if cfg.old.model is not None and cfg.old.gallery is not None:
+        parts["old_model"] = file_sha256(cfg.old.model)
+        parts["gallery"] = file_sha256(cfg.old.gallery)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def fingerprint(cfg: Config, data_hash: str, paths: Paths) -> dict[str, str]:
     """Content hashes that identify an upgrade's inputs: params, data, old model, gallery."""
     import hashlib

@@ -62,6 +62,7 @@ def upgrade(
     source: Annotated[str | None, typer.Option(help="kanjivg or imagefolder (data.source)")] = None,
     old_model: Annotated[str | None, typer.Option(help="existing old model, .onnx or .pt (old.model)")] = None,
     gallery: Annotated[str | None, typer.Option(help="existing gallery embeddings .npy (old.gallery)")] = None,
+    force: Annotated[bool, typer.Option(help="run even if a registered version has the same inputs")] = False,
 ) -> None:
     """Run the upgrade flow: validate, extract old features, train, evaluate, register if compatible."""
     _environment()
@@ -72,18 +73,21 @@ def upgrade(
         load_config(params, overrides)  # fail on bad params before Prefect starts
         from flows.upgrade import upgrade as upgrade_flow
 
-        result = upgrade_flow(params=str(params), workdir=str(workdir), overrides=overrides)
+        result = upgrade_flow(params=str(params), workdir=str(workdir), overrides=overrides, force=force)
     except UpgradeError as err:
         _fail(err)
     _summary(result)
 
 
 def _summary(result: dict[str, Any]) -> None:
-    from components.config import load_config  # noqa: F401  (keeps import order cheap)
-
-    reg = result["register"]
     out = Console()
     out.print()
+    if result["status"] == "nothing-to-upgrade":
+        e = result["existing"]
+        out.print(f"[bold]nothing to upgrade[/]: {e['model_name']} version {e['version']} (run {e['run_id']}) was built "
+                  "from the same params, data and old model; use --force to train again")
+        return
+    reg = result["register"]
     if reg.get("registered"):
         out.print(f"[bold green]compatible[/]: registered {reg['model_name']} version {reg['version']} as @{reg['alias']}")
     else:
@@ -183,6 +187,37 @@ def table(workdir: WorkdirOpt = Path("artifacts")) -> None:
     if not path.is_file():
         _fail(UpgradeError(f"{path}: no evaluation yet (run `mixbct upgrade` or `dvc repro`)"))
     Console().print(path.read_text())
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Argument(help="version to promote (default: the current @challenger)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move @champion to a version whose gate passed and that serves the champion's gallery."""
+    _environment()
+    from components import registry
+    from components.config import load_config
+
+    try:
+        out = registry.promote(load_config(params).registry, version)
+    except UpgradeError as err:
+        _fail(err)
+    Console().print(f"{out['model_name']}: @champion -> version {out['champion']} (was {out['previous']})")
+
+
+@app.command()
+def rollback(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Move @champion back to the version it replaced."""
+    _environment()
+    from components import registry
+    from components.config import load_config
+
+    try:
+        out = registry.rollback(load_config(params).registry)
+    except UpgradeError as err:
+        _fail(err)
+    Console().print(f"{out['model_name']}: @champion -> version {out['champion']} (rolled back from {out['rolled_back_from']})")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from components import registry, stages
 from components.config import load_config
@@ -17,11 +18,25 @@ from components.paths import Paths
 
 
 @flow(name="upgrade", log_prints=True)
-def upgrade(params: str = "params.yaml", workdir: str = "artifacts", overrides: dict[str, Any] | None = None) -> dict:
-    """Train a backward-compatible new model against the old gallery and register it if it passes the gate."""
+def upgrade(
+    params: str = "params.yaml",
+    workdir: str = "artifacts",
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+) -> dict:
+    """Train a backward-compatible new model against the old gallery and register it if it passes the gate.
+
+    When the params, the data and the old model are those of an already registered version, the run ends at
+    once in a "nothing to upgrade" state (unless `force`).
+    """
     cfg = load_config(params, overrides)
     paths = Paths(Path(workdir))
     stages.set_threads(cfg.train.threads)
+    key = task(stages.upgrade_key, name="hash-inputs")(cfg)
+    existing = task(registry.find_registered, name="find-registered", retries=2, retry_delay_seconds=5)(cfg.registry, key)
+    if existing is not None and not force:
+        print(f"nothing to upgrade: {existing['model_name']} version {existing['version']} was built from the same inputs")
+        return {"status": "nothing-to-upgrade", "existing": existing, "workdir": str(paths.root)}
     prepared = task(stages.prepare, name="validate-and-prepare-data")(cfg.data, paths)
     task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
     task(stages.extract_old, name="extract-old-features")(
@@ -31,8 +46,21 @@ def upgrade(params: str = "params.yaml", workdir: str = "artifacts", overrides: 
     if cfg.train.paragon and cfg.train.method != "none":
         task(stages.train, name="train-paragon")(cfg.train, cfg.data.image_size, paths, "paragon")
     evaluated = task(stages.evaluate, name="evaluate")(cfg.evaluate, paths, cfg.train.threads)
-    print((paths.eval / "table.md").read_text())
+    table = (paths.eval / "table.md").read_text()
+    print(table)
+    create_markdown_artifact(table, key="compatibility-table", description="cross-model table and gate verdict")
     registered = task(registry.track_and_register, name="register", retries=2, retry_delay_seconds=5)(
-        cfg, paths, stages.fingerprint(cfg, prepared["data_hash"], paths)
+        cfg, paths, {**stages.fingerprint(cfg, prepared["data_hash"], paths), "upgrade_key": key}
     )
-    return {"evaluate": evaluated, "register": registered, "workdir": str(paths.root)}
+    verdict = (
+        f"registered {registered['model_name']} version {registered['version']} as @{registered['alias']}"
+        if registered.get("registered")
+        else f"not registered: {registered.get('reason')}"
+    )
+    create_markdown_artifact(f"**Gate**: {verdict}", key="gate-verdict", description="registration decision")
+    create_link_artifact(
+        registry.run_url(cfg.registry, registered["experiment_id"], registered["run_id"]),
+        key="mlflow-run",
+        link_text=f"MLflow run {registered['run_id']}",
+    )
+    return {"status": "done", "evaluate": evaluated, "register": registered, "workdir": str(paths.root)}

@@ -91,3 +91,46 @@ def test_incompatible_model_is_not_registered(cfg, tmp_path: Path) -> None:
     run = client.get_run(result["run_id"])
     assert run.data.tags["registration"] == "refused"
     assert "new/old" in run.data.tags["registration.reason"]
+
+
+def test_promote_and_rollback(cfg, tmp_path: Path) -> None:
+    from components.errors import UpgradeError
+    from components.registry import promote, rollback
+
+    paths, fingerprint = _work(tmp_path, compatible=True)
+    track_and_register(cfg, paths, fingerprint)  # version 1
+    track_and_register(cfg, paths, fingerprint)  # version 2, now @challenger
+    with pytest.raises(UpgradeError, match="no @champion"):
+        rollback(cfg.registry)
+    assert promote(cfg.registry, "1")["champion"] == 1
+    with pytest.raises(UpgradeError, match="first @champion"):
+        rollback(cfg.registry)
+    out = promote(cfg.registry)  # the challenger
+    assert out == {"model_name": "kanji-embedder", "champion": 2, "previous": 1}
+    assert rollback(cfg.registry)["champion"] == 1
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("kanji-embedder", "champion").version) == "1"
+    with pytest.raises(UpgradeError, match="no version 9"):
+        promote(cfg.registry, "9")
+
+    # a version registered by hand, whose gate failed, or checked against another gallery: refused
+    run = client.get_run(client.get_model_version("kanji-embedder", "1").tags["run_id"])
+    uri = f"runs:/{run.info.run_id}/model"
+    failed = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "False", "gallery_sha256": "b" * 64})
+    with pytest.raises(UpgradeError, match="did not pass"):
+        promote(cfg.registry, str(failed.version))
+    other = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "True", "gallery_sha256": "c" * 64})
+    with pytest.raises(UpgradeError, match="gallery"):
+        promote(cfg.registry, str(other.version))
+    assert str(client.get_model_version_by_alias("kanji-embedder", "champion").version) == "1"
+
+
+def test_registered_inputs_are_found_by_their_key(cfg, tmp_path: Path) -> None:
+    from components.registry import find_registered
+
+    paths, fingerprint = _work(tmp_path, compatible=True)
+    assert find_registered(cfg.registry, "k1") is None  # no registered model at all yet
+    track_and_register(cfg, paths, {**fingerprint, "upgrade_key": "k1"})
+    found = find_registered(cfg.registry, "k1")
+    assert found is not None and found["version"] == 1
+    assert find_registered(cfg.registry, "k2") is None

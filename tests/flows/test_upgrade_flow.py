@@ -22,6 +22,11 @@ def test_tiny_upgrade_flow_tracks_and_gates(params_factory, tmp_path: Path) -> N
                 "reports/legacy_gallery_validation.md", "reports/new_gallery_validation.md"):  # fmt: skip
         assert (work / out).is_file(), out
     metrics = json.loads((work / "eval/metrics.json").read_text())
+    from prefect.artifacts import Artifact
+
+    table = Artifact.get("compatibility-table")
+    assert table is not None and "new/old" in table.data
+    assert Artifact.get("gate-verdict") is not None and Artifact.get("mlflow-run") is not None
     assert {"old/old", "new/old", "new/new", "paragon/old", "paragon/paragon"} <= set(metrics["pairs"])
 
     # The gate refuses the paragon (ArcFace alone): its queries cannot search the old gallery.
@@ -41,6 +46,9 @@ def test_tiny_upgrade_flow_tracks_and_gates(params_factory, tmp_path: Path) -> N
     if metrics["criterion"]["passed"]:
         assert [str(v.version) for v in versions] == ["1"]
         assert str(client.get_model_version_by_alias("kanji-embedder", "challenger").version) == "1"
+        again = upgrade(params=str(params), workdir=str(tmp_path / "work2"))  # same inputs: no work at all
+        assert again["status"] == "nothing-to-upgrade" and again["existing"]["version"] == 1
+        assert not (tmp_path / "work2").exists()
     else:  # the gate refused: nothing registered, and the run says why
         assert versions == []
         assert run.data.tags["registration"] == "refused"
