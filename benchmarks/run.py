@@ -117,7 +117,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("step")
     s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--steps", type=int, default=60)
     s.add_argument("--batch", type=int, default=128)
     f = sub.add_parser("flow")
     f.add_argument("--params", type=Path, default=ROOT / "params.yaml")

@@ -33,16 +33,27 @@ def run_url(cfg: RegisterConfig, experiment_id: str, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+# A URI scheme (s3://, file:///, mlflow-artifacts:/ of a server proxying artifacts); 2+ letters, so not "C:".
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
 def connect(cfg: RegisterConfig) -> str:
-    """Point MLflow at the configured store; return the experiment id (created with an explicit artifact root)."""
+    """Point MLflow at the configured store; return the experiment id (created with an explicit artifact root).
+
+    A store that cannot be reached (a tracking server down, a wrong URI) fails here, before anything is logged.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    try:
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+    except MlflowException as err:
+        raise UpgradeError(f"registry.tracking_uri {cfg.tracking_uri}: cannot use the MLflow tracking store: {err}") from err
     if exp is not None:
         return exp.experiment_id
     location = cfg.artifact_root
-    if "://" not in location:
+    if not _URI.match(location):  # a local folder: stored as an absolute file URI
         location = Path(location).resolve().as_uri()
     return mlflow.create_experiment(cfg.experiment, artifact_location=location)
 

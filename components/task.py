@@ -33,6 +33,22 @@ class CompatibleTask(nn.Module):
         new = self.backbone(batch.x)  # [b, d]
         return self.method(new, batch.labels, batch.old, batch.credible)
 
+    def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
+        self.method.prepare(old, labels)
+
+    def on_epoch_start(self, epoch: int, epochs: int, images: torch.Tensor) -> None:
+        def embed_train() -> torch.Tensor:
+            from components.train import to_input
+
+            was_training = self.backbone.training
+            self.backbone.eval()
+            with torch.no_grad():
+                out = torch.cat([self.backbone(to_input(images[i : i + 512])) for i in range(0, len(images), 512)])
+            self.backbone.train(was_training)
+            return out  # [N, d]
+
+        self.method.on_epoch_start(epoch, epochs, embed_train)
+
 
 class ClassifierTask(nn.Module):
     """Backbone + plain classification head: how the legacy (old) model is trained."""

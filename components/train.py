@@ -83,6 +83,8 @@ def fit(
     optimizer = torch.optim.SGD(task.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    if hasattr(task, "prepare"):  # dataset-level state of the method; a resumed checkpoint then overrides it
+        task.prepare(old, labels)
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         task.load_state_dict(state["task"])
@@ -91,6 +93,8 @@ def fit(
         history = [dict(h) for h in state["history"]]
     flip_gen = torch.Generator().manual_seed(cfg.seed + 7)
     for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(task, "on_epoch_start"):
+            task.on_epoch_start(epoch, cfg.epochs, images)
         task.train()
         flip_gen.manual_seed(cfg.seed * 7919 + epoch)
         order = _epoch_order(n, cfg.seed, epoch)

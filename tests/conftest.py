@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -64,3 +65,55 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def registry_inputs_in(root: Path, compatible: bool) -> tuple[Any, dict[str, str]]:
+    """What `track_and_register` reads, in a fresh work folder `root`, without training anything.
+
+    The evaluation is real (faiss metrics and the criterion on synthetic embeddings: `compatible` ones are less
+    noisy in the old space, the others a rotated space); the model is a real small_cnn with its ONNX export.
+    Returns the Paths and a fingerprint.
+    """
+    import numpy as np
+
+    from components.embed import export_onnx, save_backbone
+    from components.evaluate import compatibility_table, criterion
+    from components.io import write_json
+    from components.models import build_backbone
+    from components.paths import Paths
+
+    paths = Paths(root)
+    rng = np.random.default_rng(0)
+    n_id, d = 50, 16
+    centres = rng.standard_normal((n_id, d))
+    yq, yb = np.repeat(np.arange(n_id), 2), np.arange(n_id)
+    old = (centres[yq] + 0.9 * rng.standard_normal((len(yq), d)), centres[yb] + 0.9 * rng.standard_normal((n_id, d)))
+    if compatible:  # less noisy features in the old space
+        new = (centres[yq] + 0.3 * rng.standard_normal((len(yq), d)), centres[yb] + 0.3 * rng.standard_normal((n_id, d)))
+    else:  # a rotated space: good alone, useless against the old gallery
+        rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
+        new = ((centres[yq] + 0.3 * rng.standard_normal((len(yq), d))) @ rot, (centres[yb] + 0.3 * rng.standard_normal((n_id, d))) @ rot)
+    table = compatibility_table({"old": old, "new": new}, yq, yb, [("old", "old"), ("new", "old"), ("new", "new")])
+    verdict = criterion(table, paragon=None)
+    assert verdict.passed == compatible
+    paths.eval.mkdir(parents=True)
+    write_json(paths.eval / "metrics.json", {"pairs": table.to_dict(), "criterion": verdict.to_dict()})
+    (paths.eval / "table.md").write_text(table.markdown(verdict))
+    # the pieces registration reads: a real model + ONNX export, the legacy info, gallery images for parity
+    model = build_backbone("small_cnn", d, 32).eval()
+    paths.model_dir("new").mkdir(parents=True)
+    save_backbone(model, paths.model_dir("new") / "model.pt", "small_cnn", d, 32)
+    export_onnx(model, paths.model_dir("new") / "model.onnx", 32)
+    paths.legacy.mkdir(parents=True)
+    write_json(paths.legacy / "info.json", {"model": "model.onnx", "model_sha256": "a" * 64, "gallery_sha256": "b" * 64})
+    paths.dataset.mkdir(parents=True)
+    np.save(paths.images, rng.integers(0, 255, (8, 32, 32), dtype=np.uint8))
+    (paths.manifest).write_text("id,source,sample,identity,split,label\n" + "".join(
+        f"g{i},s{i},0,i{i},gallery,{i}\n" for i in range(8)))  # fmt: skip
+    return paths, {"params": "p", "data": "d", "old_model": "a" * 64, "gallery": "b" * 64}
+
+
+@pytest.fixture
+def registry_inputs():
+    """`registry_inputs(root, compatible)`: a work folder ready for registration (see registry_inputs_in)."""
+    return registry_inputs_in

@@ -29,6 +29,16 @@ class CompatibilityMethod(nn.Module):
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Called once before training with the whole training set: old features [N, d] (or None), labels [N].
+
+        Methods that need dataset-level state (class prototypes, queues) build it here.
+        """
+
+    def on_epoch_start(self, epoch: int, epochs: int, embed_train: Callable[[], torch.Tensor]) -> None:
+        """Called before each epoch (0-based). `embed_train()` returns the current new features [N, d] of the
+        whole training set in dataset order (eval mode, no grad): what prototype refinement needs."""
+
 
 def register_method(name: str) -> Callable[[Callable[..., CompatibilityMethod]], Callable[..., CompatibilityMethod]]:
     def wrap(factory: Callable[..., CompatibilityMethod]) -> Callable[..., CompatibilityMethod]:
@@ -40,7 +50,7 @@ def register_method(name: str) -> Callable[[Callable[..., CompatibilityMethod]],
 
 def _load_all() -> None:
     # Importing the modules registers them; kept lazy so `components.losses` has no import-time cost.
-    from components.losses import mixbct, none  # noqa: F401
+    from components.losses import advbct, bct, l2, lce, mixbct, nccl, none, unibct, weakened_l2  # noqa: F401
 
 
 def available_methods() -> list[str]:

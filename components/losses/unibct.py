@@ -1,0 +1,124 @@
+"""UniBCT (Zhang et al., "Towards Universal Backward-Compatible Representation Learning", IJCAI 2022,
+arXiv:2203.01583): the BCT influence head on *refined* old prototypes, as method.md ("Baselines") and the
+MixBCT authors' re-implementation (`refine_prototype.py`) define it.
+
+    L = L_cls(new)                                   for epochs < switch-on = ⌈start_fraction · epochs⌉
+    L = L_cls(new) + CE(norm(new_i) · Pᵀ · scale, y_i)  from then on
+
+Structural prototype refinement, per class c with n_c samples (a graph over the class's own samples only:
+an N × N system over the whole training set would not fit):
+    F = norm(F_new[c])  [n_c, d]   current new features (from `embed_train()`), L2-normalised
+    O = norm(O_old[c])  [n_c, d]   old features, L2-normalised
+    A = column-softmax(F Fᵀ / τ) with the diagonal masked           [n_c, n_c], each column sums to 1
+    Ô = (1 − λ)(I − λA)⁻¹ O        (torch.linalg.solve, float64)    [n_c, d]
+    P_c = norm(mean_i Ô_i)                                          λ = 0.9, τ = 0.05
+A single-sample class has no neighbour: Ô = O (the authors' −1e9 mask gives the same).
+
+Refinement runs in `on_epoch_start` at the switch-on epoch and at every epoch listed in `refresh_epochs`
+(default: none, i.e. once at switch-on). P is a buffer, so a resumed run keeps the refined prototypes.
+
+Note, a property of the formula as written (and of the authors' code): A is column-stochastic, so
+1ᵀ(I − λA)⁻¹ = 1ᵀ/(1 − λ) and mean_i Ô_i = mean_i O_i exactly. With the mean taken over the same per-class
+graph, the refined prototypes equal BCT's (up to rounding); what UniBCT adds here is the delayed switch-on.
+
+Shapes: new [b, d] (grad), labels [b]; prepare(): old [N, d], labels [N]; embed_train() -> [N, d].
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from components.losses import CompatibilityMethod, register_method
+from components.losses.bct import BCT
+from components.losses.prototypes import per_class
+
+
+def refine_prototypes(
+    new: torch.Tensor,  # [N, d] current new features of the training set
+    old: torch.Tensor,  # [N, d] old features, same order
+    labels: torch.Tensor,  # [N]
+    num_classes: int,
+    lam: float = 0.9,
+    tau: float = 0.05,
+) -> torch.Tensor:
+    """Refined, L2-normalised prototypes [C, d]; classes of equal size are solved as one batch."""
+    new_u = F.normalize(new.double(), dim=1)
+    old_u = F.normalize(old.double(), dim=1)
+    out = torch.zeros(num_classes, old.shape[1], dtype=torch.float64)
+    by_size: dict[int, list[int]] = defaultdict(list)
+    rows = per_class(labels, num_classes)
+    for c, idx in enumerate(rows):
+        if idx.numel():
+            by_size[idx.numel()].append(c)
+    for n, classes in by_size.items():
+        idx = torch.stack([rows[c] for c in classes])  # [k, n]
+        o = old_u[idx]  # [k, n, d]
+        if n == 1:
+            refined = o
+        else:
+            f = new_u[idx]  # [k, n, d]
+            sim = f @ f.transpose(1, 2) / tau  # [k, n, n]
+            sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+            a = torch.softmax(sim, dim=1)  # column-softmax: every column j sums to 1 over i
+            system = torch.eye(n, dtype=a.dtype) - lam * a  # [k, n, n]
+            refined = (1.0 - lam) * torch.linalg.solve(system, o)  # [k, n, d]
+        out[torch.tensor(classes)] = refined.mean(dim=1)
+    return F.normalize(out, dim=1).float()
+
+
+class UniBCT(BCT):
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        scale: float = 1.0,
+        start_fraction: float = 0.3,
+        refresh_epochs: Sequence[int] = (),
+        lam: float = 0.9,
+        tau: float = 0.05,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(embedding_dim, num_classes, s=s, m=m, scale=scale, **kwargs)
+        self.start_fraction, self.refresh_epochs = start_fraction, {int(e) for e in refresh_epochs}
+        self.lam, self.tau = lam, tau
+        self.active = False  # set before every epoch by on_epoch_start, so it needs no checkpoint
+        self.register_buffer("refined_epoch", torch.tensor(-1))  # last refinement (-1: plain BCT means)
+        self._old: torch.Tensor | None = None  # [N, d] kept from prepare() (called again on resume)
+        self._labels: torch.Tensor | None = None
+
+    def switch_on_epoch(self, epochs: int) -> int:
+        """First epoch (0-based) with the head on: ⌈start_fraction · epochs⌉ (rounded: 0.3·10 is 3.0…04)."""
+        return math.ceil(round(self.start_fraction * epochs, 9))
+
+    def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
+        super().prepare(old, labels)  # plain BCT means until the first refinement
+        self._old, self._labels = old, labels
+
+    def on_epoch_start(self, epoch: int, epochs: int, embed_train: Callable[[], torch.Tensor]) -> None:
+        start = self.switch_on_epoch(epochs)
+        self.active = epoch >= start
+        if epoch == start or epoch in self.refresh_epochs:
+            if self._old is None or self._labels is None:
+                raise RuntimeError("UniBCT.prepare() was not called: no old features to refine")
+            refined = refine_prototypes(embed_train(), self._old, self._labels, self.num_classes, self.lam, self.tau)
+            self.prototypes.copy_(refined)
+            self.refined_epoch.fill_(epoch)
+
+    def forward(self, new, labels, old=None, credible=None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        cls = self.head(new, labels)
+        if not self.active:
+            return {"loss": cls, "cls": cls.detach(), "influence": torch.zeros(())}
+        influence = self.influence(new, labels)
+        return {"loss": cls + influence, "cls": cls.detach(), "influence": influence.detach()}
+
+
+@register_method("unibct")
+def build(**kwargs: object) -> CompatibilityMethod:
+    return UniBCT(**kwargs)  # type: ignore[arg-type]
