@@ -95,3 +95,33 @@ def tree_sha256(root: str | os.PathLike[str]) -> str:
         h.update(p.relative_to(root).as_posix().encode())
         h.update(file_sha256(p).encode())
     return h.hexdigest()
+
+
+@contextmanager
+def exclusive(folder: str | os.PathLike[str], what: str = "an upgrade") -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (a `.lock` file inside it) for the block, or fail at once.
+
+    Two runs writing into the same work folder would mix each other's outputs; the second one is refused with
+    a clear message instead of waiting or corrupting anything. The OS drops the lock if the holder dies.
+    """
+    import fcntl
+
+    from components.errors import UpgradeError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")  # noqa: SIM115 (held for the block)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UpgradeError(f"{folder}: {what} is already running here ({holder}); wait for it or use another --workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

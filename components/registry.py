@@ -78,7 +78,9 @@ def _onnx_signature(onnx_path: Path, image_size: int) -> Any:
     return infer_signature(x, OnnxEmbedder(onnx_path)(x)), x
 
 
-def track_and_register(cfg: Config, paths: Paths, fingerprint: dict[str, str]) -> dict[str, Any]:
+def track_and_register(
+    cfg: Config, paths: Paths, fingerprint: dict[str, str], extra_metrics: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Log the upgrade as one MLflow run; register the new model only if the gate passed.
 
     `fingerprint` holds content hashes (data, old model, gallery, params) recorded as tags, so a later run can
@@ -98,6 +100,8 @@ def track_and_register(cfg: Config, paths: Paths, fingerprint: dict[str, str]) -
     client = MlflowClient()
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"upgrade-{cfg.train.method}") as run:
         mlflow.log_params(cfg.flat())
+        if extra_metrics:
+            mlflow.log_metrics(extra_metrics)
         mlflow.log_dict(cfg.as_dict(), "config/resolved_config.json")
         for role, folder in (("legacy", paths.legacy), ("new", paths.model_dir("new")), ("paragon", paths.model_dir("paragon"))):
             _log_history(f"train.{role}", folder / "history.json")
@@ -107,6 +111,8 @@ def track_and_register(cfg: Config, paths: Paths, fingerprint: dict[str, str]) -
         mlflow.log_artifact(str(paths.eval / "metrics.json"), "compatibility")
         for roc in sorted(paths.eval.glob("roc_*.csv")):
             mlflow.log_artifact(str(roc), "compatibility/roc")
+        for figure in sorted(paths.eval.glob("*.png")):  # ROC curves, training curves
+            mlflow.log_artifact(str(figure), "compatibility")
         for report in sorted(paths.reports.glob("*.md")):
             mlflow.log_artifact(str(report), "validation")
         tags = {f"gate.{metric_key(m)}": str(ok) for m, ok in verdict["cross"].items()}

@@ -323,6 +323,11 @@ def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, A
             frame = pd.DataFrame({"fpr": roc["fpr"], "tpr": roc["tpr"]})
             frame["pair"] = f"{q}/{g}"
             _write_history_csv(out / f"roc_{q}_{g}.csv", frame.to_dict("records"))
+        from components.plots import roc_png, training_png
+
+        roc_png(table.rocs, out / "roc.png")
+        roles = {"legacy": paths.legacy, "new": paths.model_dir("new"), "paragon": paths.model_dir("paragon")}
+        training_png({role: folder / "history.json" for role, folder in roles.items()}, out / "training.png")
     return {"passed": verdict.passed, "reasons": verdict.reasons, "table": str(paths.eval / "table.md")}
 
 

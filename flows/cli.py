@@ -24,6 +24,9 @@ OFFLINE_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    # MLflow's default (7 retries, backoff 2) takes minutes to report a tracking server that is down; the
+    # flow's own task retries come on top of these.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]

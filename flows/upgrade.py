@@ -6,6 +6,7 @@ one paths and small summaries. `dvc repro` runs the same functions stage by stag
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from components import registry, stages
 from components.config import load_config
+from components.io import exclusive
 from components.paths import Paths
+
+
+def _publish_reports(paths: Paths) -> None:
+    for report in sorted(paths.reports.glob("*_validation.md")):
+        key = report.stem.replace("_", "-")  # artifact keys: lowercase letters, digits, dashes
+        create_markdown_artifact(report.read_text(), key=key, description=f"Great Expectations: {report.stem}")
 
 
 @flow(name="upgrade", log_prints=True)
@@ -29,6 +37,7 @@ def upgrade(
     When the params, the data and the old model are those of an already registered version, the run ends at
     once in a "nothing to upgrade" state (unless `force`).
     """
+    started = time.perf_counter()
     cfg = load_config(params, overrides)
     paths = Paths(Path(workdir))
     stages.set_threads(cfg.train.threads)
@@ -37,21 +46,26 @@ def upgrade(
     if existing is not None and not force:
         print(f"nothing to upgrade: {existing['model_name']} version {existing['version']} was built from the same inputs")
         return {"status": "nothing-to-upgrade", "existing": existing, "workdir": str(paths.root)}
-    prepared = task(stages.prepare, name="validate-and-prepare-data")(cfg.data, paths)
-    task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
-    task(stages.extract_old, name="extract-old-features")(
-        cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads
-    )
-    task(stages.train, name="train-new")(cfg.train, cfg.data.image_size, paths, "new")
-    if cfg.train.paragon and cfg.train.method != "none":
-        task(stages.train, name="train-paragon")(cfg.train, cfg.data.image_size, paths, "paragon")
-    evaluated = task(stages.evaluate, name="evaluate")(cfg.evaluate, paths, cfg.train.threads)
-    table = (paths.eval / "table.md").read_text()
-    print(table)
-    create_markdown_artifact(table, key="compatibility-table", description="cross-model table and gate verdict")
-    registered = task(registry.track_and_register, name="register", retries=2, retry_delay_seconds=5)(
-        cfg, paths, {**stages.fingerprint(cfg, prepared["data_hash"], paths), "upgrade_key": key}
-    )
+    with exclusive(paths.root):  # a second run on the same work folder is refused, never interleaved
+        try:
+            prepared = task(stages.prepare, name="validate-and-prepare-data", retries=1)(cfg.data, paths)
+            task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
+            task(stages.extract_old, name="extract-old-features")(
+                cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads
+            )
+        finally:  # readable validation results, whether the suites passed or stopped the run
+            _publish_reports(paths)
+        task(stages.train, name="train-new")(cfg.train, cfg.data.image_size, paths, "new")
+        if cfg.train.paragon and cfg.train.method != "none":
+            task(stages.train, name="train-paragon")(cfg.train, cfg.data.image_size, paths, "paragon")
+        evaluated = task(stages.evaluate, name="evaluate")(cfg.evaluate, paths, cfg.train.threads)
+        table = (paths.eval / "table.md").read_text()
+        print(table)
+        create_markdown_artifact(table, key="compatibility-table", description="cross-model table and gate verdict")
+        registered = task(registry.track_and_register, name="register", retries=2, retry_delay_seconds=5)(
+            cfg, paths, {**stages.fingerprint(cfg, prepared["data_hash"], paths), "upgrade_key": key},
+            {"upgrade.wall_seconds": time.perf_counter() - started},
+        )
     verdict = (
         f"registered {registered['model_name']} version {registered['version']} as @{registered['alias']}"
         if registered.get("registered")

@@ -32,7 +32,7 @@ def test_nightly_deployment_runs_on_a_worker(tmp_path: Path) -> None:
         PREFECT_UI_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="2",
         PREFECT_LOGGING_LEVEL="INFO",
-        PWD=str(project),  # prefect.yaml's pull step is "{{ $PWD }}": the shell's PWD, which subprocess won't set
+        PWD=str(tmp_path),  # a stale shell PWD must not matter: the build step reads the real folder
     )
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"

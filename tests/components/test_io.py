@@ -1,0 +1,48 @@
+"""Atomic outputs and the work-folder lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.errors import UpgradeError
+from components.io import atomic_dir, exclusive, write_text
+
+
+def test_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
+    write_text(tmp_path / "a.txt", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("half")
+            raise RuntimeError("crash")
+    assert not (tmp_path / "d").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp leftovers
+
+
+def test_dir_is_replaced_whole(tmp_path: Path) -> None:
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "one").write_text("1")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "two").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["two"]
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time; from components.io import exclusive\n"
+         f"with exclusive({str(tmp_path)!r}):\n print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UpgradeError, match=f"already running here \\(pid {holder.pid}\\)"):
+            with exclusive(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path):  # released when the holder died
+        pass
