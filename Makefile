@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup data upgrade repro test test-all bench mlflow-ui clean
+.PHONY: setup data upgrade repro test test-all bench benchmark-quick benchmark-full mlflow-ui clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ test-all: setup
 
 bench: data
 	$(PY) benchmarks/run.py
+
+# The paper's comparison (benchmarks/grid.yaml): resumable; writes docs/results.md and the figures.
+benchmark-quick: data
+	mixbct benchmark --grid quick
+
+benchmark-full: data
+	mixbct benchmark --grid full
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000

@@ -251,3 +251,26 @@ def rollback(cfg: RegisterConfig) -> dict[str, Any]:
     _version_or_fail(client, cfg.model_name, previous)
     client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
     return {"model_name": cfg.model_name, "champion": int(previous), "rolled_back_from": int(champion.version)}
+
+
+def log_benchmark(cfg: RegisterConfig, grid: str, cells: list[dict[str, Any]], report: dict[str, str] | None = None) -> dict[str, Any]:
+    """One parent run `benchmark-<grid>` with a nested child run per cell (params = its overrides, metrics = every
+    pair's metrics, tag `criterion.passed`). Nothing is registered."""
+    import mlflow
+
+    experiment_id = connect(cfg)
+    children = []
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"benchmark-{grid}") as parent:
+        mlflow.set_tags({"benchmark.grid": grid, "benchmark.cells": str(len(cells))})
+        for cell in cells:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=cell["id"], nested=True) as child:
+                mlflow.log_params({k: str(v) for k, v in cell["overrides"].items()})
+                for pair, values in cell["pairs"].items():
+                    mlflow.log_metrics({metric_key(f"{pair}.{m}"): float(v) for m, v in values.items() if v is not None and v == v})
+                mlflow.set_tags({"criterion.passed": str(cell["criterion"]["passed"]), "benchmark.cell": cell["id"],
+                                 **{f"benchmark.{k}": str(cell[k]) for k in ("method", "scenario", "old", "dim", "ablation", "seed")}})
+                children.append(child.info.run_id)
+        for path in (report or {}).values():
+            if Path(path).is_file():
+                mlflow.log_artifact(path, "benchmark")
+    return {"run_id": parent.info.run_id, "experiment_id": experiment_id, "children": children}

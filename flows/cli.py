@@ -210,6 +210,29 @@ def promote(
 
 
 @app.command()
+def benchmark(
+    grid: Annotated[str, typer.Option(help="grid name in benchmarks/grid.yaml (quick, full) or a grid .yaml path")] = "quick",
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = Path("artifacts/benchmark"),
+    report: Annotated[Path, typer.Option(help="folder for results.md and the figures")] = Path("docs"),
+) -> None:
+    """Run the paper's comparison over a grid (resumable), write docs/results.md and log to MLflow."""
+    _environment()
+    try:
+        from components.benchmark import load_grid, plan
+
+        plan(load_grid(grid), params, workdir)  # fail on a bad grid or override before Prefect starts
+        from flows.benchmark import benchmark as benchmark_flow
+
+        result = benchmark_flow(grid=grid, params=str(params), workdir=str(workdir), report=str(report))
+    except UpgradeError as err:
+        _fail(err)
+    out = Console()
+    out.print(f"grid {result['grid']}: {result['cells']} cells, {len(result['ran'])} run now")
+    out.print(f"report: {result['report']['results']}; MLflow parent run {result['mlflow']['run_id']}")
+
+
+@app.command()
 def rollback(params: ParamsOpt = Path("params.yaml")) -> None:
     """Move @champion back to the version it replaced."""
     _environment()

@@ -1,0 +1,71 @@
+"""The `benchmark` flow: the paper's comparison over a grid of cells, shared work computed once, resumable.
+
+Wiring only: components.benchmark plans the cells and their shared folders, components.stages does the work,
+components.registry logs one MLflow parent run with a child per cell. A cell whose `cell.json` exists is skipped,
+so an interrupted grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from components import benchmark as bm
+from components import registry, stages
+from components.io import exclusive
+
+
+def _build(plan: bm.Plan, piece: str) -> None:
+    """Run the stage that makes one shared piece, unless its folder already exists."""
+    if bm.is_built(plan, piece):
+        return
+    cfg, size, threads = plan.cfg, plan.cfg.data.image_size, plan.cfg.train.threads
+    paths = bm.link_inputs(plan, piece)
+    name = f"{piece}-{plan.keys[piece][:8]}"
+    if piece == "data":
+        task(stages.prepare, name=f"prepare-{name}")(cfg.data, paths)
+    elif piece == "legacy":
+        task(stages.legacy, name=f"legacy-{name}")(cfg.legacy, cfg.old, size, paths, threads)
+    elif piece == "features":
+        task(stages.extract_old, name=f"extract-{name}")(cfg.extract, cfg.train.embedding_dim, size, paths, threads)
+    elif piece == "paragon":
+        task(stages.train, name=f"train-{name}")(cfg.train, size, paths, "paragon")
+    else:
+        task(stages.train, name=f"train-{name}-{cfg.train.method}")(cfg.train, size, paths, "new")
+
+
+@flow(name="benchmark", log_prints=True)
+def benchmark(
+    grid: str = "quick",
+    params: str = "params.yaml",
+    workdir: str = "artifacts/benchmark",
+    report: str = "docs",
+    grids_file: str = "benchmarks/grid.yaml",
+) -> dict:
+    """Run every cell of `grid` (a name in benchmarks/grid.yaml or a grid .yaml path), then report and log."""
+    spec = bm.load_grid(grid, grids_file)
+    root = Path(workdir) / spec.name
+    plans = bm.plan(spec, params, root)  # every override validated before any work
+    stages.set_threads(plans[0].cfg.train.threads)
+    with exclusive(root, what="a benchmark"):
+        todo = [p for p in plans if not bm.is_done(p)]
+        print(f"grid {spec.name}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")
+        for plan in todo:
+            for piece in ("data", "legacy", "features", "paragon", "new"):
+                if piece == "paragon" and not plan.cfg.train.paragon:
+                    continue
+                _build(plan, piece)
+            paths = bm.link_cell(plan)
+            task(stages.evaluate, name=f"evaluate-{plan.cell.id}")(plan.cfg.evaluate, paths, plan.cfg.train.threads)
+            task(bm.record_cell, name=f"record-{plan.cell.id}")(plan)
+        records = bm.load_cells(plans)
+        rows = bm.aggregate(records)
+        command = f"mixbct benchmark --grid {grid} --params {params} --workdir {workdir} --report {report}"
+        written = task(bm.write_report, name="report")(spec, rows, report, command, len(plans) - len(records))
+    logged = task(registry.log_benchmark, name="log-mlflow", retries=2, retry_delay_seconds=5)(
+        plans[0].cfg.registry, spec.name, records, written
+    )
+    create_markdown_artifact(Path(written["results"]).read_text(), key="benchmark-results", description=f"grid {spec.name}")
+    return {"grid": spec.name, "cells": len(plans), "ran": [p.cell.id for p in todo], "report": written, "mlflow": logged}
