@@ -45,8 +45,8 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: data
-	$(PY) benchmarks/run.py
+bench: setup
+	$(PY) benchmarks/run.py step
 
 # The paper's comparison (benchmarks/grid.yaml): resumable; writes docs/results.md and the figures.
 benchmark-quick: data

@@ -29,3 +29,9 @@ def test_repro_is_incremental(tmp_path: Path) -> None:
     third = run(["dvc", "repro"], project)
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
     assert ran == {"evaluate", "register"}, third
+
+    # An experiment with another method: only the new model and what follows it run again.
+    exp = run(["dvc", "exp", "run", "-S", "train.method=l2"], project)
+    ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate", "register"}, exp
+    assert "l2" in run(["dvc", "exp", "show", "--no-pager", "--json"], project)
