@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from arcface_reference import reference_arcface
+
 from components.losses import available_methods, build_method
 from components.losses.advbct import GradReverse
 from components.losses.prototypes import class_centres
@@ -33,23 +35,6 @@ BASELINES = ["l2", "weakened_l2", "bct", "unibct", "nccl", "advbct", "lce"]
 
 
 # ------------------------------------------------------------------------------------------ references
-
-
-def reference_arcface(f: np.ndarray, w: np.ndarray, y: np.ndarray, s: float, m: float) -> float:
-    """Loop-by-loop ArcFace (no easy margin); the same reference as tests/components/test_mixbct.py."""
-    losses = []
-    for i in range(len(f)):
-        fi = f[i] / np.linalg.norm(f[i])
-        logits = []
-        for c in range(len(w)):
-            cos = float(np.dot(fi, w[c] / np.linalg.norm(w[c])))
-            if c == y[i]:
-                theta = math.acos(cos)
-                cos = math.cos(theta + m) if theta + m < math.pi else cos - math.sin(math.pi - m) * m
-            logits.append(s * cos)
-        logits = np.array(logits)
-        losses.append(-logits[y[i]] + math.log(np.exp(logits - logits.max()).sum()) + logits.max())
-    return float(np.mean(losses))
 
 
 def unit(v: np.ndarray) -> np.ndarray:
