@@ -20,11 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "MIXBCT_PROGRESS": "0",
-}.items():  # fmt: skip
+from flows.cli import OFFLINE_ENV  # noqa: E402
+
+for key, value in {**OFFLINE_ENV, "MIXBCT_PROGRESS": "0"}.items():
     os.environ.setdefault(key, value)
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
 

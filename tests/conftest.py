@@ -11,14 +11,11 @@ import pytest
 import yaml
 
 _HOME = tempfile.mkdtemp(prefix="mixbct-tests-")
+from flows.cli import OFFLINE_ENV  # noqa: E402  (imports no Prefect or MLflow)
+
 for key, value in {
+    **OFFLINE_ENV,
     "PREFECT_HOME": os.path.join(_HOME, "prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
     "MIXBCT_PROGRESS": "0",
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }.items():

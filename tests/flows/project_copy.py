@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from flows.cli import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -42,13 +44,8 @@ def tool_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **OFFLINE_ENV,
         "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "GX_ANALYTICS_ENABLED": "false",
         "MIXBCT_PROGRESS": "0",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
