@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -52,6 +53,30 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What atomic_path / atomic_dir leave behind when the writer is killed before its `finally` runs (SIGKILL,
+# power loss): `.NAME.RANDOM.tmp[SUFFIX]` files or folders, and `.NAME.old` mid-swap.
+_STALE = re.compile(r"^\..+\.(tmp(\.[A-Za-z0-9]+)?|old)$")
+
+
+def sweep_stale(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files and folders that interrupted atomic writes left under `root`; return them.
+
+    Call it only while holding `exclusive(root)`: a live writer's temp files look the same.
+    """
+    root = Path(root)
+    stale = sorted((p for p in root.rglob(".*") if _STALE.match(p.name)), key=lambda p: len(p.parts))
+    removed: list[Path] = []
+    for p in stale:
+        if any(parent in removed for parent in p.parents):
+            continue  # inside a folder already removed
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -7,6 +7,7 @@ resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from torch import nn
 
 from components.io import atomic_path
 from components.task import Batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         history = [dict(h) for h in state["history"]]
+        log.info("resuming from %s: %d of %d epochs done", checkpoint, start_epoch, cfg.epochs)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 7)
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(task, "on_epoch_start"):

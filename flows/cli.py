@@ -27,6 +27,9 @@ OFFLINE_ENV = {
     # MLflow's default (7 retries, backoff 2) takes minutes to report a tracking server that is down; the
     # flow's own task retries come on top of these.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    # The components' own log lines (e.g. "resuming from checkpoint ...") go through Prefect's handlers: the
+    # console and the flow run's logs in the UI.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "components",
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
@@ -64,7 +67,7 @@ def upgrade(
     data_root: Annotated[str | None, typer.Option(help="raw data folder (data.root)")] = None,
     source: Annotated[str | None, typer.Option(help="kanjivg or imagefolder (data.source)")] = None,
     old_model: Annotated[str | None, typer.Option(help="existing old model, .onnx or .pt (old.model)")] = None,
-    gallery: Annotated[str | None, typer.Option(help="existing gallery embeddings .npy (old.gallery)")] = None,
+    gallery: Annotated[str | None, typer.Option(help="existing gallery embeddings: .npz (embeddings + paths/ids) or .npy in manifest order (old.gallery)")] = None,
     force: Annotated[bool, typer.Option(help="run even if a registered version has the same inputs")] = False,
 ) -> None:
     """Run the upgrade flow: validate, extract old features, train, evaluate, register if compatible."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from components.errors import UpgradeError
-from components.io import atomic_dir, exclusive, write_text
+from components.io import atomic_dir, exclusive, sweep_stale, write_text
 
 
 def test_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
@@ -46,3 +46,25 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
         holder.wait()
     with exclusive(tmp_path):  # released when the holder died
         pass
+
+
+def test_writes_killed_midway_leave_only_temp_names_that_the_next_run_sweeps(tmp_path: Path) -> None:
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text("{}")  # a finished output from an earlier run
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import time; from components.io import atomic_dir, atomic_path\n"
+         f"with atomic_dir({str(tmp_path / 'eval')!r}) as d, atomic_path({str(tmp_path / 'ck.pt')!r}, suffix='.pt') as f:\n"
+         " (d / 'metrics.json').write_text('half'); f.write_bytes(b'half')\n print('writing', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()  # SIGKILL: no `finally` runs
+    writer.wait()
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert len(hidden) == 2 and all(".tmp" in name for name in hidden), hidden
+    assert (tmp_path / "eval" / "metrics.json").read_text() == "{}" and not (tmp_path / "ck.pt").exists()
+
+    with exclusive(tmp_path):
+        removed = sweep_stale(tmp_path)
+    assert sorted(p.name for p in removed) == hidden
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # the lock and the finished output stay
