@@ -58,7 +58,10 @@ class OldConfig(Section):
     """Bring your own old model and gallery. null = use what the legacy stage trains and writes."""
 
     model: str | None = None  # .onnx or .pt (a checkpoint written by this project)
-    gallery: str | None = None  # .npy [n_gallery, d], rows in gallery-manifest order
+    # .npz with `embeddings` [n, d] and `paths` [n] (ImageFolder images, `identity/file` or longer) or `ids` [n]
+    # (manifest ids), in any order and possibly more rows than the test gallery; or .npy [n_gallery, d] with
+    # rows in gallery-manifest order.
+    gallery: str | None = None
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> OldConfig:
@@ -70,6 +73,8 @@ class OldConfig(Section):
                 raise ValueError(f"old.{key}: file not found: {value}")
         if self.model is not None and Path(self.model).suffix not in (".onnx", ".pt"):
             raise ValueError(f"old.model: expected a .onnx or .pt file, got {self.model}")
+        if self.gallery is not None and Path(self.gallery).suffix not in (".npy", ".npz"):
+            raise ValueError(f"old.gallery: expected a .npz (keyed rows) or .npy (manifest order) file, got {self.gallery}")
         return self
 
 

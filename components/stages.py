@@ -116,14 +116,19 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
             src = Path(old.model)
             embedder = load_embedder(src, threads=threads)  # fails early, naming the file, if unreadable
             shutil.copyfile(src, out / f"model{src.suffix}")
-            gallery = _load_gallery_file(Path(old.gallery))
+            from components.data.manifest import split_rows
+
+            manifest = load_manifest(paths)
+            gallery, matched = _load_gallery_file(Path(old.gallery), manifest.iloc[split_rows(manifest, "gallery")])
             save_npy(out / "gallery.npy", gallery)
             info = {
                 "origin": "imported",
                 "model": f"model{src.suffix}",
                 "source_model": str(src),
                 "source_gallery": str(old.gallery),
+                "source_gallery_sha256": file_sha256(old.gallery),
                 "embedding_dim": embedder.dim,
+                **matched,
             }
         else:
             from components.losses.arcface import ArcFaceHead, SoftmaxHead
@@ -170,12 +175,49 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
     return info
 
 
-def _load_gallery_file(path: Path) -> np.ndarray:
+def _image_key(path: str) -> str:
+    """An ImageFolder image as `identity/file`: the same whether a path is absolute or relative to data.root."""
+    return "/".join(Path(str(path)).parts[-2:])
+
+
+def _load_gallery_file(path: Path, gallery_rows: pd.DataFrame) -> tuple[np.ndarray, dict[str, Any]]:
+    """The user's gallery embeddings as rows in gallery-manifest order (what every later stage reads).
+
+    `.npy`: already in that order (the validation suite checks the row count). `.npz`: `embeddings` [n, d] with
+    `paths` (image files) or `ids` (manifest ids) naming each row, any order; rows for images outside the test
+    gallery are left out, a gallery image without a row is an error.
+    """
     try:
-        arr = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read gallery embeddings as .npy ({err})") from err
-    return np.asarray(arr, dtype=np.float32)
+        raise DataError(f"{path}: cannot read gallery embeddings as .npy/.npz ({err})") from err
+    if path.suffix != ".npz":
+        return np.asarray(loaded, dtype=np.float32), {}
+    with loaded:
+        if "embeddings" not in loaded.files or not {"paths", "ids"} & set(loaded.files):
+            raise DataError(f"{path}: an .npz gallery needs `embeddings` and `paths` or `ids` arrays; it has {sorted(loaded.files)}")
+        field = "ids" if "ids" in loaded.files else "paths"
+        try:
+            embeddings, names = loaded["embeddings"], loaded[field]
+        except ValueError as err:  # object arrays need pickle: refused
+            raise DataError(f"{path}: `{field}` must be a string array, not objects ({err})") from err
+    if embeddings.ndim != 2 or len(names) != len(embeddings):
+        raise DataError(f"{path}: `embeddings` {embeddings.shape} and `{field}` ({len(names)}) must have one row per name")
+    keys = [str(n) if field == "ids" else _image_key(str(n)) for n in names]
+    wanted = list(gallery_rows["id"]) if field == "ids" else [_image_key(s) for s in gallery_rows["source"]]
+    if field == "paths" and len(set(wanted)) != len(wanted):
+        raise DataError(f"{path}: this dataset's gallery rows are renderings of the same files; key them by `ids`")
+    index: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in index:
+            raise DataError(f"{path}: `{field}` names {key!r} twice (rows {index[key]} and {i})")
+        index[key] = i
+    missing = [w for w in wanted if w not in index]
+    if missing:
+        raise DataError(f"{path}: no embedding for {len(missing)} of the {len(wanted)} gallery images "
+                        f"(by `{field}`), e.g. {', '.join(missing[:3])}")  # fmt: skip
+    rows = np.asarray([index[w] for w in wanted])
+    return np.asarray(embeddings[rows], dtype=np.float32), {"gallery_key": field, "gallery_rows_unused": len(keys) - len(rows)}
 
 
 def _checkpoint_key(*parts: Any) -> str:
