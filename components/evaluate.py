@@ -442,7 +442,9 @@ def criterion(
     update_gain = retention = None
     pp = table.rows.get((paragon, paragon)) if paragon is not None else None
     if pp is not None:
-        update_gain = {m: _ratio(no[m] - oo[m], pp[m] - oo[m]) for m in metrics if m in pp}
+        # The share of the paragon's improvement that the cross-test keeps. Undefined (NaN) when the paragon does
+        # not improve on old/old: there is no improvement to share, and a ratio over ~0 or < 0 means nothing.
+        update_gain = {m: _ratio(no[m] - oo[m], pp[m] - oo[m]) if pp[m] > oo[m] else math.nan for m in metrics if m in pp}
         retention = {m: _ratio(nn[m], pp[m]) for m in metrics if m in pp}
     return Criterion(
         cross=cross,

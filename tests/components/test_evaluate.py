@@ -178,6 +178,10 @@ def test_update_gain_and_retention() -> None:
     assert c.update_gain == pytest.approx({"top1": (0.6 - 0.5) / (0.8 - 0.5), "mAP": (0.3 - 0.4) / (0.8 - 0.4)})
     assert c.retention == pytest.approx({"top1": 0.7 / 0.8, "mAP": 0.6 / 0.8})
     assert criterion(t, gate_metrics=("top1",), paragon=None).update_gain is None
+    worse = table({"old/old": {"top1": 0.5, "mAP": 0.4}, "new/old": {"top1": 0.6, "mAP": 0.3},
+                   "new/new": {"top1": 0.7, "mAP": 0.6}, "paragon/paragon": {"top1": 0.5, "mAP": 0.9}})  # fmt: skip
+    gain = criterion(worse, gate_metrics=("top1",)).update_gain  # the paragon does not beat old/old on top1
+    assert math.isnan(gain["top1"]) and gain["mAP"] == pytest.approx((0.3 - 0.4) / (0.9 - 0.4))
     with pytest.raises(ValueError, match="unknown gate metric"):
         criterion(t, gate_metrics=("top9",))
 
