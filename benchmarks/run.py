@@ -1,6 +1,7 @@
 """Benchmarks, measured side by side in one process and printed as ratios.
 
   python benchmarks/run.py step            MixBCT train step / paragon train step (same backbone, batch)
+  python benchmarks/run.py methods         every method's train-step time and peak memory / the paragon's
   python benchmarks/run.py flow            Prefect `upgrade` flow wall time / the same components called directly
   python benchmarks/run.py skip            scheduled re-run with nothing changed / the full upgrade (after make upgrade)
 
@@ -72,6 +73,128 @@ def bench_step(threads: int, steps: int, batch: int) -> None:
     print(f"  paragon (none): {med['none'] * 1e3:8.1f} ms/step")
     print(f"  mixbct        : {med['mixbct'] * 1e3:8.1f} ms/step")
     print(f"  ratio mixbct / paragon = {med['mixbct'] / med['none']:.3f}  (target <= 1.05)")
+
+
+# The default run's new-model training set: open-class, 3,150 new classes x 10 renderings (params.yaml).
+DEFAULT_CLASSES, DEFAULT_ROWS, DEFAULT_EPOCHS = 3150, 31_500, 12
+
+
+def _method_task(name: str, d: int, classes: int, rows: int, threads: int):
+    """A new backbone + method on a synthetic training set of the default size (old features, labels, mask)."""
+    import torch
+
+    from components.losses import build_method
+    from components.models import build_backbone
+    from components.task import CompatibleTask
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    old = torch.nn.functional.normalize(torch.randn(rows, d, generator=gen), dim=1)
+    labels = torch.arange(rows) % classes
+    credible = torch.rand(rows, generator=gen) < 0.9
+    torch.manual_seed(0)  # same backbone initialisation for every method
+    backbone = build_backbone("resnet_small", d, 32)
+    task = CompatibleTask(backbone, build_method(name, embedding_dim=d, num_classes=classes, seed=0))
+    task.prepare(old, labels)
+    opt = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return task, backbone, opt, old, labels, credible
+
+
+def _method_step(task, backbone, opt, x, y, old, credible) -> None:
+    import torch
+
+    from components.task import Batch
+
+    loss = task(Batch(x, y, old, credible))["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+    opt.step()
+
+
+def method_peak_memory(name: str, threads: int, steps: int, batch: int) -> None:
+    """Child process of `methods`: peak RSS growth (MiB) of `steps` train steps of one method, as JSON."""
+    import gc
+    import json
+    import resource
+
+    import psutil
+    import torch
+
+    task, backbone, opt, old, labels, credible = _method_task(name, 128, DEFAULT_CLASSES, DEFAULT_ROWS, threads)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 1, 32, 32, generator=gen) * 2 - 1
+    idx = torch.randint(0, DEFAULT_ROWS, (batch,), generator=gen)
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    for _ in range(steps):
+        _method_step(task, backbone, opt, x, labels[idx], old[idx], credible[idx])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"method": name, "step_peak_mib": max(peak - before, 0) / 2**20, "peak_rss_mib": peak / 2**20}))
+
+
+def bench_methods(threads: int, steps: int, batch: int) -> None:
+    """Every method against the paragon (`none`), in one run: step time interleaved, memory in child processes.
+
+    Time: all methods' steps round-robin (order rotated every round), medians. Per-epoch work (UniBCT's prototype
+    refinement embeds the whole training set) is timed over the 12 epochs of a default training on a
+    default-size training set and amortised over its steps. Memory: each method in a fresh process; the growth of
+    peak RSS over its train steps (parameters, optimizer state, activations, method state), so the common
+    import cost does not dilute the ratio.
+    """
+    import json
+    import subprocess
+
+    import torch
+
+    from components.losses import available_methods
+
+    names = ["none"] + [m for m in available_methods() if m != "none"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 1, 32, 32, generator=gen) * 2 - 1
+    idx = torch.randint(0, DEFAULT_ROWS, (batch,), generator=gen)
+    tasks = {m: _method_task(m, 128, DEFAULT_CLASSES, DEFAULT_ROWS, threads) for m in names}
+    images = torch.randint(0, 256, (DEFAULT_ROWS, 32, 32), dtype=torch.uint8, generator=gen)
+    steps_total = DEFAULT_ROWS // batch * DEFAULT_EPOCHS
+    hooks: dict[str, float] = {}  # seconds of per-epoch work over a whole default training
+    for m, (task, *_rest) in tasks.items():
+        tic = time.perf_counter()
+        for epoch in range(DEFAULT_EPOCHS):
+            task.on_epoch_start(epoch, DEFAULT_EPOCHS, images)
+        hooks[m] = time.perf_counter() - tic
+
+    def step(m: str) -> float:
+        task, backbone, opt, old, labels, credible = tasks[m]
+        tic = time.perf_counter()
+        _method_step(task, backbone, opt, x, labels[idx], old[idx], credible[idx])
+        return time.perf_counter() - tic
+
+    for m in names:
+        for _ in range(3):
+            step(m)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for i in range(steps):
+        for m in names[i % len(names) :] + names[: i % len(names)]:
+            times[m].append(step(m))
+    memory = {}
+    for m in names:
+        out = subprocess.run(
+            [sys.executable, __file__, "method-memory", "--method", m, "--threads", str(threads), "--batch", str(batch)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        memory[m] = json.loads(out.strip().splitlines()[-1])
+    step_s = {m: statistics.median(v) for m, v in times.items()}
+    total = {m: step_s[m] + hooks[m] / steps_total for m in names}
+    base_t, base_m = total["none"], memory["none"]["step_peak_mib"]
+    print(f"train step per method, resnet_small, d=128, {DEFAULT_CLASSES} classes, batch {batch}, {threads} threads, "
+          f"{steps} interleaved rounds; per-epoch work amortised over a {DEFAULT_EPOCHS}-epoch training ({steps_total} steps)")  # fmt: skip
+    print(f"  {'method':<12} {'step ms':>8} {'+epochs ms':>10} {'time ratio':>10} {'peak MiB':>9} {'mem ratio':>9}")
+    for m in names:
+        mem = memory[m]["step_peak_mib"]
+        print(f"  {m:<12} {step_s[m] * 1e3:8.1f} {hooks[m] / steps_total * 1e3:10.2f} "
+              f"{total[m] / base_t:10.3f} {mem:9.1f} {mem / base_m:9.3f}")  # fmt: skip
+    print(f"  MixBCT / paragon: time {total['mixbct'] / base_t:.3f} (target <= 1.05), "
+          f"peak memory {memory['mixbct']['step_peak_mib'] / base_m:.3f}")
 
 
 def bench_flow(params: Path) -> None:
@@ -146,6 +269,15 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--steps", type=int, default=60)
     s.add_argument("--batch", type=int, default=128)
+    ms = sub.add_parser("methods")
+    ms.add_argument("--threads", type=int, default=2)
+    ms.add_argument("--steps", type=int, default=50)
+    ms.add_argument("--batch", type=int, default=128)
+    mm = sub.add_parser("method-memory")  # child process of `methods`
+    mm.add_argument("--method", required=True)
+    mm.add_argument("--threads", type=int, default=2)
+    mm.add_argument("--steps", type=int, default=5)
+    mm.add_argument("--batch", type=int, default=128)
     f = sub.add_parser("flow")
     f.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     k = sub.add_parser("skip")
@@ -153,6 +285,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.bench == "step":
         bench_step(args.threads, args.steps, args.batch)
+    elif args.bench == "methods":
+        bench_methods(args.threads, args.steps, args.batch)
+    elif args.bench == "method-memory":
+        method_peak_memory(args.method, args.threads, args.steps, args.batch)
     elif args.bench == "skip":
         bench_skip(args.params)
     else:
