@@ -47,10 +47,12 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/run.py step
+	$(PY) benchmarks/run.py methods
 
-# The paper's comparison (benchmarks/grid.yaml): resumable; writes docs/results.md and the figures.
+# The paper's comparison (benchmarks/grid.yaml): resumable; writes results.md and the figures
+# (quick: docs/quick/, full: docs/).
 benchmark-quick: data
-	mixbct benchmark --grid quick
+	mixbct benchmark --grid quick --report docs/quick
 
 benchmark-full: data
 	mixbct benchmark --grid full

@@ -31,6 +31,7 @@ import yaml
 
 from components.config import Config, load_config
 from components.errors import ConfigError
+from components.evaluate import CompatibilityTable, Criterion, criterion
 from components.io import atomic_path, write_json, write_text
 from components.paths import Paths
 
@@ -158,8 +159,20 @@ def plan(grid: Grid, params: str | Path, workdir: str | Path) -> list[Plan]:
     return plans
 
 
+def source_piece(plan: Plan, piece: str) -> str:
+    """The piece that actually builds `piece` for this cell.
+
+    A `none` cell's new model is the paragon: the same method, config and seed (stages.train seeds both
+    alike), so it is trained once and shared instead of twice.
+    """
+    if piece == "new" and plan.cfg.train.method == "none":
+        return "paragon"
+    return piece
+
+
 def output(plan: Plan, piece: str) -> Path:
     """The folder a shared piece writes (complete once it exists: stages write atomically)."""
+    piece = source_piece(plan, piece)
     return plan.roots[piece].root / PIECES[piece][0]
 
 
@@ -255,10 +268,19 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for pair in ("old/old", "new/old", "new/new"):
             for m in REPORT_METRICS:
                 row[f"{pair}.{m}"] = _mean_std([r["pairs"][pair].get(m) for r in rs if pair in r["pairs"]])
+        derived = [_derived(r) for r in rs]
         for extra in ("update_gain", "retention"):
-            row[f"{extra}.top1"] = _mean_std([(r["criterion"].get(extra) or {}).get("top1", math.nan) for r in rs])
+            row[f"{extra}.top1"] = _mean_std([(getattr(c, extra) or {}).get("top1", math.nan) for c in derived])
         rows.append(row)
     return rows
+
+
+def _derived(record: Mapping[str, Any]) -> Criterion:
+    """Update gain and retention recomputed from the cell's pairs by `evaluate.criterion`, the one definition
+    (a cell recorded by an older version keeps its pairs; what is derived from them follows the code)."""
+    table = CompatibilityTable.from_dict(record["pairs"])
+    paragon = "paragon" if ("paragon", "paragon") in table.rows else None
+    return criterion(table, paragon=paragon, gate_metrics=record["criterion"].get("gate_metrics") or ("top1",))
 
 
 def _mean(row: Mapping[str, Any], col: str) -> float:

@@ -19,6 +19,7 @@ from components.io import exclusive
 
 def _build(plan: bm.Plan, piece: str) -> None:
     """Run the stage that makes one shared piece, unless its folder already exists."""
+    piece = bm.source_piece(plan, piece)
     if bm.is_built(plan, piece):
         return
     cfg, size, threads = plan.cfg, plan.cfg.data.image_size, plan.cfg.train.threads

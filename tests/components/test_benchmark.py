@@ -40,8 +40,10 @@ def test_named_grids_are_valid_and_unknown_names_fail() -> None:
         plans = bm.plan(grid, ROOT / "params.yaml", "/nonexistent")  # every override validates
         assert len({p.keys["new"] for p in plans}) == len(plans)
     full = bm.load_grid("full", ROOT / "benchmarks/grid.yaml")
-    headline = [c for c in full.cells if c.ablation == "-" and len(c.overrides) == 2]
+    settings = ("data.scenario", "legacy.head", "train.embedding_dim")
+    headline = [c for c in full.cells if c.ablation == "-" and not any(k in c.overrides for k in settings)]
     assert {c.overrides["train.seed"] for c in headline} == {0, 1, 2}
+    assert len(headline) == 9 * 3  # every method, three seeds
     with pytest.raises(ConfigError, match="unknown grid"):
         bm.load_grid("nope", ROOT / "benchmarks/grid.yaml")
 
@@ -95,6 +97,15 @@ def test_aggregation_is_mean_and_sample_std_over_seeds() -> None:
     assert single["new/new.mAP"] == (pytest.approx(0.7), 0.0)
 
 
+def test_update_gain_and_retention_follow_the_pairs_not_the_recorded_numbers() -> None:
+    rec = _record("mixbct", 0, 0.5, 0.6, 0.7, True)
+    rec["pairs"]["paragon/paragon"] = {"top1": 0.9, "mAP": 0.9, "tar@far=1e-3": 0.9}
+    (row,) = bm.aggregate([rec])  # the recorded update_gain (0.5) is stale: recomputed as (0.6-0.5)/(0.9-0.5)
+    assert row["update_gain.top1"][0] == pytest.approx(0.25) and row["retention.top1"][0] == pytest.approx(0.7 / 0.9)
+    rec["pairs"]["paragon/paragon"]["top1"] = 0.45  # a paragon below old/old: no gain to share
+    assert math.isnan(bm.aggregate([rec])[0]["update_gain.top1"][0])
+
+
 def test_claims_are_computed_from_the_table() -> None:
     rows = bm.aggregate([
         _record("mixbct", 0, 0.5, 0.60, 0.80, True), _record("bct", 0, 0.5, 0.55, 0.82, True),
@@ -121,3 +132,28 @@ def test_report_and_plots(tmp_path: Path) -> None:
     assert "(b) weak old model" in text and "**holds**" in text
     for name in ("cross_by_method", "tradeoff"):
         assert Path(out[name]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_none_cell_reuses_the_paragon_instead_of_training_it_again(tmp_path: Path) -> None:
+    grid = _grid(tmp_path, {"blocks": [{"axes": {"train.method": ["none", "mixbct"]}}]})
+    none, mixbct = bm.plan(grid, ROOT / "params.yaml", tmp_path / "work")
+    assert bm.source_piece(none, "new") == "paragon" and bm.source_piece(mixbct, "new") == "new"
+    assert bm.output(none, "new") == bm.output(none, "paragon") == bm.output(mixbct, "paragon")
+    assert bm.output(mixbct, "new") != bm.output(mixbct, "paragon")
+
+
+def test_method_none_trains_exactly_the_paragon(params_factory, tmp_path: Path) -> None:
+    """What the reuse above relies on: role "new" with method none and role "paragon" give identical weights."""
+    import torch
+
+    from components import stages
+    from components.config import load_config
+    from components.paths import Paths
+
+    cfg = load_config(params_factory(train={"epochs": 1, "batch_size": 32, "embedding_dim": 16, "method": "none"}))
+    paths = Paths(tmp_path / "work")
+    stages.prepare(cfg.data, paths)
+    stages.train(cfg.train, cfg.data.image_size, paths, "new")
+    stages.train(cfg.train, cfg.data.image_size, paths, "paragon")
+    new, paragon = (torch.load(paths.model_dir(r) / "model.pt", weights_only=True)["state_dict"] for r in ("new", "paragon"))
+    assert new.keys() == paragon.keys() and all(torch.equal(new[k], paragon[k]) for k in new)
