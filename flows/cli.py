@@ -141,8 +141,11 @@ def stage(
 
 def _register(cfg: Any, paths: Any, params: Path) -> dict[str, Any]:
     from components import registry, stages
-    out = registry.track_and_register(cfg, paths, stages.fingerprint(cfg, stages.data_hash(cfg.data), paths))
     from components.io import write_json
+
+    # the same inputs key as the flow's, so a scheduled run after `dvc repro` sees "nothing to upgrade"
+    fingerprint = {**stages.fingerprint(cfg, stages.data_hash(cfg.data), paths), "upgrade_key": stages.upgrade_key(cfg)}
+    out = registry.track_and_register(cfg, paths, fingerprint)
 
     write_json(paths.registration, out)
     return out
