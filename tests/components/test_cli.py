@@ -48,3 +48,16 @@ def test_evaluate_refuses_different_dimensions(tmp_path: Path) -> None:
 def test_table_without_evaluation_says_what_to_run(tmp_path: Path) -> None:
     result = runner.invoke(app, ["table", "--workdir", str(tmp_path)])
     assert result.exit_code == 1 and "mixbct upgrade" in result.output
+
+
+def test_env_sh_exports_the_offline_environment() -> None:
+    """README walkthroughs `source env.sh`: it must set exactly what the CLI and the tests set."""
+    import re
+    from pathlib import Path
+
+    from flows.cli import OFFLINE_ENV
+
+    text = (Path(__file__).resolve().parents[2] / "env.sh").read_text()
+    exported = dict(re.findall(r"^export (\w+)=(\S+)$", text, flags=re.M))
+    assert exported.pop("PREFECT_HOME") == '"${PREFECT_HOME:-$PWD/.prefect}"'
+    assert exported == OFFLINE_ENV
