@@ -30,6 +30,8 @@ OFFLINE_ENV = {
     # The components' own log lines (e.g. "resuming from checkpoint ...") go through Prefect's handlers: the
     # console and the flow run's logs in the UI.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "components",
+    # ... and outside a flow run (DVC stages, plain calls) they stay console-only instead of warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
