@@ -29,46 +29,15 @@ os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
 
 
 def bench_step(threads: int, steps: int, batch: int) -> None:
+    """MixBCT against the paragon only: the same measurement as `methods`, on a smaller classifier (700 classes)."""
     import torch
 
-    from components.losses import build_method
-    from components.models import build_backbone
-    from components.task import Batch, CompatibleTask
-
-    torch.set_num_threads(threads)
-    d, classes = 128, 700
+    classes, rows = 700, 7_000
+    tasks = {m: _method_task(m, 128, classes, rows, threads) for m in ("mixbct", "none")}
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, 32, 32, generator=gen) * 2 - 1
-    y = torch.randint(0, classes, (batch,), generator=gen)
-    old = torch.randn(batch, d, generator=gen)
-    credible = torch.rand(batch, generator=gen) < 0.9
-    tasks = {}
-    for name in ("mixbct", "none"):
-        torch.manual_seed(0)  # same backbone initialisation for both
-        backbone = build_backbone("resnet_small", d, 32)
-        task = CompatibleTask(backbone, build_method(name, embedding_dim=d, num_classes=classes, seed=0))
-        opt = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        tasks[name] = (task, backbone, opt)
-
-    def step(name: str) -> float:
-        task, backbone, opt = tasks[name]
-        tic = time.perf_counter()
-        loss = task(Batch(x, y, old, credible))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
-        opt.step()
-        return time.perf_counter() - tic
-
-    for name in tasks:  # warm-up
-        for _ in range(3):
-            step(name)
-    times: dict[str, list[float]] = {"mixbct": [], "none": []}
-    for i in range(steps):  # interleaved, alternating order, so drift hits both equally
-        order = ("mixbct", "none") if i % 2 == 0 else ("none", "mixbct")
-        for name in order:
-            times[name].append(step(name))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    idx = torch.randint(0, rows, (batch,), generator=gen)
+    med = _interleaved_medians(tasks, x, idx, steps)
     print(f"train step, resnet_small, batch {batch}, {threads} threads, {steps} interleaved steps each")
     print(f"  paragon (none): {med['none'] * 1e3:8.1f} ms/step")
     print(f"  mixbct        : {med['mixbct'] * 1e3:8.1f} ms/step")
@@ -80,7 +49,7 @@ DEFAULT_CLASSES, DEFAULT_ROWS, DEFAULT_EPOCHS = 3150, 31_500, 12
 
 
 def _method_task(name: str, d: int, classes: int, rows: int, threads: int):
-    """A new backbone + method on a synthetic training set of the default size (old features, labels, mask)."""
+    """A new backbone + method on a synthetic training set of `rows` (old features, labels, mask), prepared."""
     import torch
 
     from components.losses import build_method
@@ -110,6 +79,27 @@ def _method_step(task, backbone, opt, x, y, old, credible) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
     opt.step()
+
+
+def _interleaved_medians(tasks: dict, x, idx, rounds: int) -> dict[str, float]:
+    """Median seconds per train step of each task, steps run round-robin (order rotated every round, after 3
+    warm-up steps each) so that drift on the machine hits every method alike."""
+    names = list(tasks)
+
+    def step(m: str) -> float:
+        task, backbone, opt, old, labels, credible = tasks[m]
+        tic = time.perf_counter()
+        _method_step(task, backbone, opt, x, labels[idx], old[idx], credible[idx])
+        return time.perf_counter() - tic
+
+    for m in names:
+        for _ in range(3):
+            step(m)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for i in range(rounds):
+        for m in names[i % len(names) :] + names[: i % len(names)]:
+            times[m].append(step(m))
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def method_peak_memory(name: str, threads: int, steps: int, batch: int) -> None:
@@ -162,20 +152,7 @@ def bench_methods(threads: int, steps: int, batch: int) -> None:
         for epoch in range(DEFAULT_EPOCHS):
             task.on_epoch_start(epoch, DEFAULT_EPOCHS, images)
         hooks[m] = time.perf_counter() - tic
-
-    def step(m: str) -> float:
-        task, backbone, opt, old, labels, credible = tasks[m]
-        tic = time.perf_counter()
-        _method_step(task, backbone, opt, x, labels[idx], old[idx], credible[idx])
-        return time.perf_counter() - tic
-
-    for m in names:
-        for _ in range(3):
-            step(m)
-    times: dict[str, list[float]] = {m: [] for m in names}
-    for i in range(steps):
-        for m in names[i % len(names) :] + names[: i % len(names)]:
-            times[m].append(step(m))
+    step_s = _interleaved_medians(tasks, x, idx, steps)
     memory = {}
     for m in names:
         out = subprocess.run(
@@ -183,7 +160,6 @@ def bench_methods(threads: int, steps: int, batch: int) -> None:
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         memory[m] = json.loads(out.strip().splitlines()[-1])
-    step_s = {m: statistics.median(v) for m, v in times.items()}
     total = {m: step_s[m] + hooks[m] / steps_total for m in names}
     base_t, base_m = total["none"], memory["none"]["step_peak_mib"]
     print(f"train step per method, resnet_small, d=128, {DEFAULT_CLASSES} classes, batch {batch}, {threads} threads, "
@@ -210,21 +186,22 @@ def bench_flow(params: Path) -> None:
     def direct(work: Path) -> None:
         paths = Paths(work)
         stages.set_threads(cfg.train.threads)
-        prepared = stages.prepare(cfg.data, paths)
+        hashes = stages.input_hashes(cfg)  # as the flow: hash the inputs first
+        stages.prepare(cfg.data, paths)
         stages.legacy(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
         stages.extract_old(cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads)
         stages.train(cfg.train, cfg.data.image_size, paths, "new")
         if cfg.train.paragon and cfg.train.method != "none":
             stages.train(cfg.train, cfg.data.image_size, paths, "paragon")
         stages.evaluate(cfg.evaluate, paths, cfg.train.threads)
-        registry.track_and_register(cfg, paths, stages.fingerprint(cfg, prepared["data_hash"], paths))
+        registry.track_and_register(cfg, paths, stages.fingerprint(cfg, hashes["data"], paths))
 
     try:
         tic = time.perf_counter()
         direct(tmp / "direct")
         t_direct = time.perf_counter() - tic
         tic = time.perf_counter()
-        upgrade(params=str(params), workdir=str(tmp / "flow"))
+        upgrade(params=str(params), workdir=str(tmp / "flow"), force=True)  # a full run even if these inputs are registered
         t_flow = time.perf_counter() - tic
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -74,7 +74,7 @@ def prepare(cfg: DataConfig, paths: Paths, workers: int = 2) -> dict[str, Any]:
         manifest.to_csv(tmp / "manifest.csv", index=False)
         np.save(tmp / "images.npy", images)
         write_json(tmp / "summary.json", {"rows": len(manifest), "classes": classes, "splits": _split_counts(manifest)})
-    return {"manifest": str(paths.manifest), "rows": len(manifest), "classes": classes, "data_hash": data_hash(cfg)}
+    return {"manifest": str(paths.manifest), "rows": len(manifest), "classes": classes}
 
 
 def _split_counts(manifest: pd.DataFrame) -> dict[str, int]:
@@ -384,14 +384,21 @@ def _validate_new_gallery(paths: Paths, gallery: np.ndarray, n_gallery: int) -> 
     report.raise_for_failure(report_path)
 
 
-def upgrade_key(cfg: Config) -> str:
-    """Content hash of everything an upgrade depends on: resolved params, raw data, a user's old model and gallery.
+def input_hashes(cfg: Config) -> dict[str, str]:
+    """The raw data's content hash and the upgrade key, hashing the data (possibly large) once."""
+    data = data_hash(cfg.data)
+    return {"data": data, "upgrade_key": upgrade_key(cfg, data)}
+
+
+def upgrade_key(cfg: Config, data: str) -> str:
+    """Content hash of everything an upgrade depends on: resolved params, raw data (its hash `data`), a user's
+    old model and gallery.
 
     Computed before any work, so a scheduled run can tell in seconds that nothing changed.
     """
     import hashlib
 
-    parts = {"params": cfg.as_dict(), "data": data_hash(cfg.data)}
+    parts = {"params": cfg.as_dict(), "data": data}
     if cfg.old.model is not None and cfg.old.gallery is not None:
         parts["old_model"] = file_sha256(cfg.old.model)
         parts["gallery"] = file_sha256(cfg.old.gallery)

@@ -146,7 +146,8 @@ def _register(cfg: Any, paths: Any, params: Path) -> dict[str, Any]:
     from components.io import write_json
 
     # the same inputs key as the flow's, so a scheduled run after `dvc repro` sees "nothing to upgrade"
-    fingerprint = {**stages.fingerprint(cfg, stages.data_hash(cfg.data), paths), "upgrade_key": stages.upgrade_key(cfg)}
+    hashes = stages.input_hashes(cfg)
+    fingerprint = {**stages.fingerprint(cfg, hashes["data"], paths), "upgrade_key": hashes["upgrade_key"]}
     out = registry.track_and_register(cfg, paths, fingerprint)
 
     write_json(paths.registration, out)

@@ -46,7 +46,8 @@ def upgrade(
     cfg = load_config(params, overrides)
     paths = Paths(Path(workdir))
     stages.set_threads(cfg.train.threads)
-    key = task(stages.upgrade_key, name="hash-inputs")(cfg)
+    hashes = task(stages.input_hashes, name="hash-inputs")(cfg)
+    key = hashes["upgrade_key"]
     existing = task(registry.find_registered, name="find-registered", retries=2, retry_delay_seconds=5)(cfg.registry, key)
     if existing is not None and not force:
         print(f"nothing to upgrade: {existing['model_name']} version {existing['version']} was built from the same inputs")
@@ -55,7 +56,7 @@ def upgrade(
         for stale in sweep_stale(paths.root):  # left by a run that was killed mid-write; never read as output
             print(f"removed an interrupted write: {stale}")
         try:
-            prepared = task(stages.prepare, name="validate-and-prepare-data", retries=1)(cfg.data, paths)
+            task(stages.prepare, name="validate-and-prepare-data", retries=1)(cfg.data, paths)
             task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
             task(stages.extract_old, name="extract-old-features")(
                 cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads
@@ -70,7 +71,7 @@ def upgrade(
         print(table)
         create_markdown_artifact(table, key="compatibility-table", description="cross-model table and gate verdict")
         registered = task(registry.track_and_register, name="register", retries=2, retry_delay_seconds=5)(
-            cfg, paths, {**stages.fingerprint(cfg, prepared["data_hash"], paths), "upgrade_key": key},
+            cfg, paths, {**stages.fingerprint(cfg, hashes["data"], paths), "upgrade_key": key},
             {"upgrade.wall_seconds": time.perf_counter() - started},
         )
     verdict = (
