@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components import benchmark as bm
 from components import registry, stages
-from components.io import exclusive
+from components.io import exclusive, sweep_stale
 
 
 def _build(plan: bm.Plan, piece: str) -> None:
@@ -51,6 +51,8 @@ def benchmark(
     plans = bm.plan(spec, params, root)  # every override validated before any work
     stages.set_threads(plans[0].cfg.train.threads)
     with exclusive(root, what="a benchmark"):
+        for stale in sweep_stale(root):  # left by a run that was killed mid-write; never read as output
+            print(f"removed an interrupted write: {stale}")
         todo = [p for p in plans if not bm.is_done(p)]
         print(f"grid {spec.name}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")
         for plan in todo:

@@ -6,7 +6,6 @@ one paths and small summaries. `dvc repro` runs the same functions stage by stag
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,6 @@ from components import registry, stages
 from components.config import load_config
 from components.io import exclusive, sweep_stale
 from components.paths import Paths
-
-# The components' INFO lines ("resuming from checkpoint ...") reach Prefect's handlers through
-# PREFECT_LOGGING_EXTRA_LOGGERS=components (flows.cli.OFFLINE_ENV); Prefect copies handlers, not levels.
-logging.getLogger("components").setLevel(logging.INFO)
-
 
 def _publish_reports(paths: Paths) -> None:
     for report in sorted(paths.reports.glob("*_validation.md")):
