@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -61,7 +64,7 @@ _STALE = re.compile(r"^\..+\.(tmp(\.[A-Za-z0-9]+)?|old)$")
 
 
 def sweep_stale(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temp files and folders that interrupted atomic writes left under `root`; return them.
+    """Delete the temp files and folders that interrupted atomic writes left under `root`; log and return them.
 
     Call it only while holding `exclusive(root)`: a live writer's temp files look the same.
     """
@@ -75,6 +78,7 @@ def sweep_stale(root: str | os.PathLike[str]) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+        log.info("removed an interrupted write: %s", p)
         removed.append(p)
     return removed
 

@@ -51,8 +51,7 @@ def benchmark(
     plans = bm.plan(spec, params, root)  # every override validated before any work
     stages.set_threads(plans[0].cfg.train.threads)
     with exclusive(root, what="a benchmark"):
-        for stale in sweep_stale(root):  # left by a run that was killed mid-write; never read as output
-            print(f"removed an interrupted write: {stale}")
+        sweep_stale(root)  # what a run killed mid-write left; never read as output
         todo = [p for p in plans if not bm.is_done(p)]
         print(f"grid {spec.name}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")
         for plan in todo:

@@ -18,6 +18,7 @@ from components.config import load_config
 from components.io import exclusive, sweep_stale
 from components.paths import Paths
 
+
 def _publish_reports(paths: Paths) -> None:
     for report in sorted(paths.reports.glob("*_validation.md")):
         key = report.stem.replace("_", "-")  # artifact keys: lowercase letters, digits, dashes
@@ -47,8 +48,7 @@ def upgrade(
         print(f"nothing to upgrade: {existing['model_name']} version {existing['version']} was built from the same inputs")
         return {"status": "nothing-to-upgrade", "existing": existing, "workdir": str(paths.root)}
     with exclusive(paths.root):  # a second run on the same work folder is refused, never interleaved
-        for stale in sweep_stale(paths.root):  # left by a run that was killed mid-write; never read as output
-            print(f"removed an interrupted write: {stale}")
+        sweep_stale(paths.root)  # what a run killed mid-write left; never read as output
         try:
             task(stages.prepare, name="validate-and-prepare-data", retries=1)(cfg.data, paths)
             task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)

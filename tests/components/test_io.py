@@ -48,7 +48,7 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
         pass
 
 
-def test_writes_killed_midway_leave_only_temp_names_that_the_next_run_sweeps(tmp_path: Path) -> None:
+def test_writes_killed_midway_leave_only_temp_names_that_the_next_run_sweeps(tmp_path: Path, caplog) -> None:
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.json").write_text("{}")  # a finished output from an earlier run
     writer = subprocess.Popen(
@@ -64,7 +64,8 @@ def test_writes_killed_midway_leave_only_temp_names_that_the_next_run_sweeps(tmp
     assert len(hidden) == 2 and all(".tmp" in name for name in hidden), hidden
     assert (tmp_path / "eval" / "metrics.json").read_text() == "{}" and not (tmp_path / "ck.pt").exists()
 
-    with exclusive(tmp_path):
+    with exclusive(tmp_path), caplog.at_level("INFO", logger="components.io"):
         removed = sweep_stale(tmp_path)
     assert sorted(p.name for p in removed) == hidden
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(f"removed an interrupted write: {p}" for p in removed)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # the lock and the finished output stay
