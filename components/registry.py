@@ -9,6 +9,7 @@ the reason and no version is created.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from components.errors import UpgradeError
 from components.paths import Paths
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+log = logging.getLogger(__name__)
 
 
 def metric_key(name: str) -> str:
@@ -78,14 +80,107 @@ def _onnx_signature(onnx_path: Path, image_size: int) -> Any:
     return infer_signature(x, OnnxEmbedder(onnx_path)(x)), x
 
 
+# A version is complete, and visible to `promote` and to the "nothing to upgrade" check, only once this tag is
+# written: the registration's last call, after its tags, description and alias. A version without it was left by a
+# registration that died half-way (kill -9, power loss) and is removed by `recover` (the next registration or
+# `mixbct doctor`).
+COMPLETE_TAG, COMPLETE = "registration", "complete"
+# The registering process, recorded on every run this module starts, so that a run (or version) left RUNNING by a
+# killed process can be told apart from one that is still being written.
+PROCESS_TAGS = ("mixbct.host", "mixbct.pid", "mixbct.pid_started")
+
+
+def _process_tags() -> dict[str, str]:
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"mixbct.host": socket.gethostname(), "mixbct.pid": str(me.pid), "mixbct.pid_started": f"{me.create_time():.3f}"}
+
+
+def _writer_state(tags: dict[str, str]) -> str:
+    """"alive", "dead" or "unknown" (another host, or a run started before these tags existed)."""
+    import socket
+
+    import psutil
+
+    if not all(k in tags for k in PROCESS_TAGS) or tags["mixbct.host"] != socket.gethostname():
+        return "unknown"
+    try:
+        proc = psutil.Process(int(tags["mixbct.pid"]))
+        same = abs(proc.create_time() - float(tags["mixbct.pid_started"])) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return "dead"
+    return "alive" if same else "dead"  # a reused pid is another process: the writer is gone
+
+
+def is_complete(version: Any) -> bool:
+    return version.tags.get(COMPLETE_TAG) == COMPLETE
+
+
 def track_and_register(
     cfg: Config, paths: Paths, fingerprint: dict[str, str], extra_metrics: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """Log the upgrade as one MLflow run; register the new model only if the gate passed.
 
     `fingerprint` holds content hashes (data, old model, gallery, params) recorded as tags, so a later run can
-    tell whether anything changed.
+    tell whether anything changed. What earlier registrations killed half-way left behind is cleaned up first.
     """
+    import mlflow
+
+    reg = cfg.registry
+    experiment_id = connect(reg)
+    recover(reg)
+    metrics = json.loads((paths.eval / "metrics.json").read_text())
+    verdict = metrics["criterion"]
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"upgrade-{cfg.train.method}", tags=_process_tags()) as run:
+        tags = _log_upgrade(cfg, paths, fingerprint, metrics, extra_metrics)
+        result: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": experiment_id, "passed": verdict["passed"]}
+        if not verdict["passed"]:
+            reason = "; ".join(verdict["reasons"]) or "gate failed"
+            mlflow.set_tags({"registration": "refused", "registration.reason": reason})
+            result.update(registered=False, reason=reason)
+            return result
+        version = _register_version(cfg, paths, fingerprint, tags, run.info.run_id)
+        mlflow.set_tag("registration", f"{reg.model_name}/{version}")
+        result.update(registered=True, model_name=reg.model_name, version=version, alias=CHALLENGER)
+        return result
+
+
+def _log_upgrade(
+    cfg: Config, paths: Paths, fingerprint: dict[str, str], metrics: dict[str, Any], extra_metrics: dict[str, float] | None
+) -> dict[str, str]:
+    """Params, resolved config, curves, the table and the reports into the active run; returns its verdict tags."""
+    import mlflow
+
+    verdict = metrics["criterion"]
+    mlflow.log_params(cfg.flat())
+    if extra_metrics:
+        mlflow.log_metrics(extra_metrics)
+    mlflow.log_dict(cfg.as_dict(), "config/resolved_config.json")
+    for role, folder in (("legacy", paths.legacy), ("new", paths.model_dir("new")), ("paragon", paths.model_dir("paragon"))):
+        _log_history(f"train.{role}", folder / "history.json")
+    for pair, values in metrics["pairs"].items():
+        mlflow.log_metrics({metric_key(f"{pair}.{m}"): float(v) for m, v in values.items() if v is not None and v == v})
+    mlflow.log_artifact(str(paths.eval / "table.md"), "compatibility")
+    mlflow.log_artifact(str(paths.eval / "metrics.json"), "compatibility")
+    for roc in sorted(paths.eval.glob("roc_*.csv")):
+        mlflow.log_artifact(str(roc), "compatibility/roc")
+    for figure in sorted(paths.eval.glob("*.png")):  # ROC curves, training curves
+        mlflow.log_artifact(str(figure), "compatibility")
+    for report in sorted(paths.reports.glob("*.md")):
+        mlflow.log_artifact(str(report), "validation")
+    tags = {f"gate.{metric_key(m)}": str(ok) for m, ok in verdict["cross"].items()}
+    tags.update({f"self.{metric_key(m)}": str(ok) for m, ok in verdict["self"].items()})
+    tags.update({"gate.passed": str(verdict["passed"]), **{f"hash.{k}": v for k, v in fingerprint.items()}})
+    mlflow.set_tags(tags)
+    return tags
+
+
+def _register_version(cfg: Config, paths: Paths, fingerprint: dict[str, str], tags: dict[str, str], run_id: str) -> int:
+    """ONNX export (checked against torch) -> a new version with every tag in one call -> description -> alias ->
+    the `registration=complete` marker. Killed anywhere before the marker, the version stays invisible to readers."""
     import mlflow
     import onnx
     from mlflow import MlflowClient
@@ -94,95 +189,147 @@ def track_and_register(
     from components.stages import legacy_info, split_arrays
 
     reg = cfg.registry
-    experiment_id = connect(reg)
-    metrics = json.loads((paths.eval / "metrics.json").read_text())
-    verdict = metrics["criterion"]
+    onnx_path = paths.model_dir("new") / "model.onnx"
+    backbone, meta = load_backbone(paths.model_dir("new") / "model.pt")
+    gallery_images, _ = split_arrays(paths, "gallery")
+    parity = onnx_parity(backbone, onnx_path, gallery_images[:128])
+    mlflow.log_metric("onnx.max_abs_diff", parity)
+    if parity > reg.onnx_tolerance:
+        mlflow.set_tags({"registration": "refused", "registration.reason": f"ONNX parity {parity:.2e} > {reg.onnx_tolerance}"})
+        raise UpgradeError(f"{onnx_path}: ONNX export differs from torch by {parity:.2e} (> {reg.onnx_tolerance})")
+    signature, example = _onnx_signature(onnx_path, int(meta["image_size"]))
+    info = mlflow.onnx.log_model(
+        onnx_model=onnx.load(str(onnx_path)),
+        name="model",
+        signature=signature,
+        input_example=example,
+        onnx_execution_providers=["CPUExecutionProvider"],
+        pip_requirements=["onnx", "onnxruntime"],
+    )
+    old = legacy_info(paths)
+    version_tags = {
+        **tags,
+        "run_id": run_id,
+        "old_model_sha256": old["model_sha256"],
+        "gallery_sha256": old["gallery_sha256"],
+        **({"upgrade_key": fingerprint["upgrade_key"]} if "upgrade_key" in fingerprint else {}),
+        **_process_tags(),
+    }
+    version = mlflow.register_model(info.model_uri, reg.model_name, tags=version_tags).version
     client = MlflowClient()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"upgrade-{cfg.train.method}") as run:
-        mlflow.log_params(cfg.flat())
-        if extra_metrics:
-            mlflow.log_metrics(extra_metrics)
-        mlflow.log_dict(cfg.as_dict(), "config/resolved_config.json")
-        for role, folder in (("legacy", paths.legacy), ("new", paths.model_dir("new")), ("paragon", paths.model_dir("paragon"))):
-            _log_history(f"train.{role}", folder / "history.json")
-        for pair, values in metrics["pairs"].items():
-            mlflow.log_metrics({metric_key(f"{pair}.{m}"): float(v) for m, v in values.items() if v is not None and v == v})
-        mlflow.log_artifact(str(paths.eval / "table.md"), "compatibility")
-        mlflow.log_artifact(str(paths.eval / "metrics.json"), "compatibility")
-        for roc in sorted(paths.eval.glob("roc_*.csv")):
-            mlflow.log_artifact(str(roc), "compatibility/roc")
-        for figure in sorted(paths.eval.glob("*.png")):  # ROC curves, training curves
-            mlflow.log_artifact(str(figure), "compatibility")
-        for report in sorted(paths.reports.glob("*.md")):
-            mlflow.log_artifact(str(report), "validation")
-        tags = {f"gate.{metric_key(m)}": str(ok) for m, ok in verdict["cross"].items()}
-        tags.update({f"self.{metric_key(m)}": str(ok) for m, ok in verdict["self"].items()})
-        tags.update({"gate.passed": str(verdict["passed"]), **{f"hash.{k}": v for k, v in fingerprint.items()}})
-        mlflow.set_tags(tags)
-        result: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": experiment_id, "passed": verdict["passed"]}
-        if not verdict["passed"]:
-            reason = "; ".join(verdict["reasons"]) or "gate failed"
-            mlflow.set_tag("registration", "refused")
-            mlflow.set_tag("registration.reason", reason)
-            result.update(registered=False, reason=reason)
-            return result
+    description = (
+        f"{cfg.train.method} upgrade ({cfg.train.arch}, d={cfg.train.embedding_dim}) compatible with old model "
+        f"{old.get('source_model', 'legacy/' + old['model'])} (sha256 {old['model_sha256'][:12]}), checked "
+        f"against gallery sha256 {old['gallery_sha256'][:12]}. Gate: {', '.join(cfg.evaluate.gate_metrics)} passed."
+    )
+    try:
+        client.update_model_version(reg.model_name, version, description=description)
+        client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
+        client.set_model_version_tag(reg.model_name, version, COMPLETE_TAG, COMPLETE)  # the commit point
+    except Exception:
+        # an error we can see: remove the version now rather than leave it to `recover`
+        client.delete_model_version(reg.model_name, version)
+        raise
+    return int(version)
 
-        onnx_path = paths.model_dir("new") / "model.onnx"
-        backbone, meta = load_backbone(paths.model_dir("new") / "model.pt")
-        gallery_images, _ = split_arrays(paths, "gallery")
-        parity = onnx_parity(backbone, onnx_path, gallery_images[:128])
-        mlflow.log_metric("onnx.max_abs_diff", parity)
-        if parity > reg.onnx_tolerance:
-            mlflow.set_tag("registration", "refused")
-            mlflow.set_tag("registration.reason", f"ONNX parity {parity:.2e} > {reg.onnx_tolerance}")
-            raise UpgradeError(f"{onnx_path}: ONNX export differs from torch by {parity:.2e} (> {reg.onnx_tolerance})")
-        signature, example = _onnx_signature(onnx_path, int(meta["image_size"]))
-        info = mlflow.onnx.log_model(
-            onnx_model=onnx.load(str(onnx_path)),
-            name="model",
-            signature=signature,
-            input_example=example,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            pip_requirements=["onnx", "onnxruntime"],
-        )
-        old = legacy_info(paths)
-        version = mlflow.register_model(info.model_uri, reg.model_name, tags=tags)
-        try:
-            description = (
-                f"{cfg.train.method} upgrade ({cfg.train.arch}, d={cfg.train.embedding_dim}) compatible with old model "
-                f"{old.get('source_model', 'legacy/' + old['model'])} (sha256 {old['model_sha256'][:12]}), checked "
-                f"against gallery sha256 {old['gallery_sha256'][:12]}. Gate: {', '.join(cfg.evaluate.gate_metrics)} passed."
-            )
-            client.update_model_version(reg.model_name, version.version, description=description)
-            client.set_model_version_tag(reg.model_name, version.version, "run_id", run.info.run_id)
-            client.set_model_version_tag(reg.model_name, version.version, "old_model_sha256", old["model_sha256"])
-            client.set_model_version_tag(reg.model_name, version.version, "gallery_sha256", old["gallery_sha256"])
-            if "upgrade_key" in fingerprint:
-                client.set_model_version_tag(reg.model_name, version.version, "upgrade_key", fingerprint["upgrade_key"])
-            client.set_registered_model_alias(reg.model_name, CHALLENGER, version.version)
-        except Exception:
-            # Atomic registration: a version without its tags and alias is worse than none.
-            client.delete_model_version(reg.model_name, version.version)
-            raise
-        mlflow.set_tag("registration", f"{reg.model_name}/{version.version}")
-        result.update(registered=True, model_name=reg.model_name, version=int(version.version), alias=CHALLENGER)
-        return result
+
+def recover(cfg: RegisterConfig) -> dict[str, list[str]]:
+    """Clean up after registrations that died half-way; log and return what was done.
+
+    - a version without the `registration=complete` marker whose registering process is gone is deleted (its
+      aliases go with it);
+    - a run still RUNNING whose process is gone (same host, pid dead or reused) is marked FAILED.
+    Versions and runs of a live process, or of another host, are left alone and reported as skipped.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import RunStatus
+
+    client = MlflowClient()
+    done: dict[str, list[str]] = {"deleted_versions": [], "failed_runs": [], "skipped": []}
+    for version in _all_versions(client, cfg.model_name):
+        if is_complete(version):
+            continue
+        label = f"{cfg.model_name} version {version.version}"
+        state = _writer_state(version.tags)
+        if state == "dead":
+            client.delete_model_version(cfg.model_name, version.version)
+            log.warning("deleted incomplete %s (its registration was killed before it finished)", label)
+            done["deleted_versions"].append(label)
+        elif state == "alive":
+            done["skipped"].append(f"{label}: being registered now (pid {version.tags['mixbct.pid']})")
+        else:  # registered by hand, by an older version of this project or on another host: never deleted here
+            done["skipped"].append(f"{label}: incomplete, not written by a registration on this host; left as it is")
+    exp = _experiment(cfg)
+    if exp is not None:
+        for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+            if _writer_state(run.data.tags) == "dead":
+                client.set_tag(run.info.run_id, "mixbct.recovered", "its process died while the run was RUNNING")
+                client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED))
+                log.warning("marked run %s FAILED: its process (pid %s) died while it was RUNNING", run.info.run_id, run.data.tags["mixbct.pid"])
+                done["failed_runs"].append(run.info.run_id)
+            elif _writer_state(run.data.tags) == "unknown":
+                done["skipped"].append(f"run {run.info.run_id}: RUNNING, started by another host or an older version")
+    return done
+
+
+def _all_versions(client: Any, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
+
+
+def _experiment(cfg: RegisterConfig) -> Any | None:
+    import mlflow
+
+    return mlflow.get_experiment_by_name(cfg.experiment)
 
 
 def find_registered(cfg: RegisterConfig, key: str) -> dict[str, Any] | None:
-    """The newest registered version whose inputs hash to `key` (tag `upgrade_key`), if any."""
+    """The newest complete registered version whose inputs hash to `key` (tag `upgrade_key`), if any."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     connect(cfg)
     try:
-        found = MlflowClient().search_model_versions(f"name='{cfg.model_name}' and tags.upgrade_key='{key}'")
+        found = MlflowClient().search_model_versions(
+            f"name='{cfg.model_name}' and tags.upgrade_key='{key}' and tags.{COMPLETE_TAG}='{COMPLETE}'"
+        )
     except MlflowException:
         return None  # no registered model yet
     if not found:
         return None
     newest = max(found, key=lambda v: int(v.version))
     return {"model_name": cfg.model_name, "version": int(newest.version), "run_id": newest.run_id}
+
+
+def connect_existing(cfg: RegisterConfig, need_model: bool = True) -> None:
+    """Point MLflow at a store that must already hold `cfg.model_name`; create nothing (no store, no experiment).
+
+    What `promote` and `rollback` use: a typo in the URI or the model name is an error naming it, never a new
+    empty store.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = cfg.tracking_uri
+    local = None
+    if uri.startswith("sqlite:///"):
+        local = Path(uri[len("sqlite:///"):])
+    elif uri.startswith("file:") or not _URI.match(uri):
+        local = Path(uri.removeprefix("file://").removeprefix("file:"))
+    if local is not None and not local.exists():
+        raise UpgradeError(f"registry.tracking_uri {uri}: no MLflow store at {local} (nothing was ever registered there)")
+    mlflow.set_tracking_uri(uri)
+    if not need_model:
+        return
+    try:
+        MlflowClient().get_registered_model(cfg.model_name)
+    except MlflowException as err:
+        raise UpgradeError(f"registry.model_name {cfg.model_name!r}: no such registered model in {uri}") from err
 
 
 def _version_or_fail(client: Any, name: str, version: str) -> Any:
@@ -192,6 +339,15 @@ def _version_or_fail(client: Any, name: str, version: str) -> Any:
         return client.get_model_version(name, str(version))
     except MlflowException as err:
         raise UpgradeError(f"registered model {name!r} has no version {version}") from err
+
+
+def _complete_or_fail(version: Any, name: str) -> Any:
+    if not is_complete(version):
+        raise UpgradeError(
+            f"{name} version {version.version} is incomplete: its registration did not finish (no "
+            f"`{COMPLETE_TAG}={COMPLETE}` tag); refusing it. `mixbct doctor` removes what killed registrations left"
+        )
+    return version
 
 
 def _alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -206,19 +362,20 @@ def _alias_version(client: Any, name: str, alias: str) -> Any | None:
 def promote(cfg: RegisterConfig, version: str | None = None) -> dict[str, Any]:
     """Move `champion` to `version` (default: the current `challenger`).
 
-    Refused when the version does not exist, its gate did not pass, or it was checked against a different
-    gallery than the current champion serves (it would not be compatible with what production searches).
+    Refused when the version does not exist, its registration is incomplete, its gate did not pass, or it was
+    checked against a different gallery than the current champion serves (it would not be compatible with what
+    production searches).
     """
     from mlflow import MlflowClient
 
-    connect(cfg)
+    connect_existing(cfg)
     client = MlflowClient()
     if version is None:
         challenger = _alias_version(client, cfg.model_name, CHALLENGER)
         if challenger is None:
             raise UpgradeError(f"registered model {cfg.model_name!r} has no @{CHALLENGER} to promote")
         version = str(challenger.version)
-    candidate = _version_or_fail(client, cfg.model_name, version)
+    candidate = _complete_or_fail(_version_or_fail(client, cfg.model_name, version), cfg.model_name)
     if candidate.tags.get("gate.passed") != "True":
         raise UpgradeError(f"{cfg.model_name} version {version}: its compatibility gate did not pass; refusing to promote")
     champion = _alias_version(client, cfg.model_name, CHAMPION)
@@ -240,7 +397,7 @@ def rollback(cfg: RegisterConfig) -> dict[str, Any]:
     """Move `champion` back to the version it replaced."""
     from mlflow import MlflowClient
 
-    connect(cfg)
+    connect_existing(cfg)
     client = MlflowClient()
     champion = _alias_version(client, cfg.model_name, CHAMPION)
     if champion is None:
@@ -248,9 +405,32 @@ def rollback(cfg: RegisterConfig) -> dict[str, Any]:
     previous = champion.tags.get("previous_champion")
     if not previous:
         raise UpgradeError(f"{cfg.model_name} version {champion.version} is the first @{CHAMPION}; nothing to roll back to")
-    _version_or_fail(client, cfg.model_name, previous)
+    _complete_or_fail(_version_or_fail(client, cfg.model_name, previous), cfg.model_name)
     client.set_registered_model_alias(cfg.model_name, CHAMPION, previous)
     return {"model_name": cfg.model_name, "champion": int(previous), "rolled_back_from": int(champion.version)}
+
+
+def doctor(cfg: RegisterConfig) -> dict[str, Any]:
+    """`mixbct doctor`: recover (see `recover`) and list what remains: versions, aliases, incomplete ones."""
+    from mlflow import MlflowClient
+
+    from mlflow.exceptions import MlflowException
+
+    connect_existing(cfg, need_model=False)
+    done = recover(cfg)
+    client = MlflowClient()
+    versions = _all_versions(client, cfg.model_name)
+    try:
+        aliases = dict(client.get_registered_model(cfg.model_name).aliases)
+    except MlflowException:
+        aliases = {}
+    return {
+        **done,
+        "model_name": cfg.model_name,
+        "complete_versions": sorted(int(v.version) for v in versions if is_complete(v)),
+        "incomplete_versions": sorted(int(v.version) for v in versions if not is_complete(v)),
+        "aliases": {k: int(v) for k, v in aliases.items()},
+    }
 
 
 def log_benchmark(cfg: RegisterConfig, grid: str, cells: list[dict[str, Any]], report: dict[str, str] | None = None) -> dict[str, Any]:

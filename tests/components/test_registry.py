@@ -20,7 +20,7 @@ from components.registry import track_and_register
 
 @pytest.fixture
 def cfg(tmp_path: Path):
-    return load_config(tmp_path / "none.yaml", {
+    return load_config(None, {
         "train.embedding_dim": 16, "legacy.embedding_dim": 16,
         "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "registry.artifact_root": str(tmp_path / "mlartifacts"),
@@ -79,12 +79,16 @@ def test_promote_and_rollback(cfg, registry_inputs, tmp_path: Path) -> None:
     # a version registered by hand, whose gate failed, or checked against another gallery: refused
     run = client.get_run(client.get_model_version("kanji-embedder", "1").tags["run_id"])
     uri = f"runs:/{run.info.run_id}/model"
-    failed = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "False", "gallery_sha256": "b" * 64})
+    done = {"registration": "complete"}
+    failed = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "False", "gallery_sha256": "b" * 64, **done})
     with pytest.raises(UpgradeError, match="did not pass"):
         promote(cfg.registry, str(failed.version))
-    other = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "True", "gallery_sha256": "c" * 64})
+    other = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "True", "gallery_sha256": "c" * 64, **done})
     with pytest.raises(UpgradeError, match="gallery"):
         promote(cfg.registry, str(other.version))
+    unfinished = mlflow.register_model(uri, "kanji-embedder", tags={"gate.passed": "True", "gallery_sha256": "b" * 64})
+    with pytest.raises(UpgradeError, match=f"version {unfinished.version} is incomplete"):
+        promote(cfg.registry, str(unfinished.version))
     assert str(client.get_model_version_by_alias("kanji-embedder", "champion").version) == "1"
 
 

@@ -51,7 +51,7 @@ def _bounded_http(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _cfg(tmp_path: Path, tracking_uri: str) -> Config:
-    return load_config(tmp_path / "none.yaml", {
+    return load_config(None, {
         "train.embedding_dim": 16, "legacy.embedding_dim": 16,
         "registry.tracking_uri": tracking_uri, "registry.artifact_root": "mlflow-artifacts:/mixbct",
     })  # fmt: skip
