@@ -281,7 +281,8 @@ def _check_files(sources: pd.Series, decode: Callable[[Path], None]) -> tuple[di
         try:
             decode(Path(source))
         except Exception as exc:  # noqa: BLE001  (any failure to decode is a data error to report)
-            errors[source] = f"{type(exc).__name__}: {exc}".strip()[:200]
+            reason = str(exc).strip().removeprefix(f"{source}: ")  # the report names the file already
+            errors[source] = f"{type(exc).__name__}: {reason}"[:200]
     return exists, errors
 
 

@@ -6,15 +6,20 @@ the same models as the embedded KanjiVG renderings.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from components.config import DataConfig
 from components.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+MAX_PIXELS: int = DataConfig.model_fields["max_pixels"].default  # data.max_pixels's default, defined once there
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
 
 def _visible(path: Path) -> bool:
@@ -38,23 +43,56 @@ def scan(root: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """One image as uint8 [size, size] grayscale; a missing, corrupt or truncated file raises DataError."""
+def _too_big(path: Path, pixels: int, max_pixels: int, dims: str = "") -> DataError:
+    return DataError(f"{path}: {dims}{pixels:,} pixels is more than data.max_pixels = {max_pixels:,}; "
+                     "shrink the image or raise data.max_pixels")  # fmt: skip
+
+
+def _gray8(im: Image.Image, path: Path, fmt: str | None) -> Image.Image:
+    """8-bit grayscale. 16-bit pixels are scaled to 8 bits (round(v / 257)): PIL's convert("L") clips them, so
+    every pixel above 255 of 65535 would turn white. 16-bit RGB PNGs already open as 8-bit RGB."""
+    if im.mode not in SIXTEEN_BIT_MODES and im.mode != "I":
+        return im.convert("L")
+    v = np.asarray(im, dtype=np.int64)  # [H, W]
+    lo, hi = (int(v.min()), int(v.max())) if v.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise DataError(f"{path}: 32-bit integer pixels ({lo}..{hi}) are not supported; save it as 8 or 16 bits")
+    if im.mode in SIXTEEN_BIT_MODES or fmt == "PNG" or hi > 255:  # mode "I" from a PNG holds 16-bit data
+        v = (v + 128) // 257
+    return Image.fromarray(v.astype(np.uint8), "L")
+
+
+def load_image(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """One image as uint8 [size, size] grayscale; a missing, corrupt, truncated or too large file raises DataError.
+
+    The pixel budget `max_pixels` is checked on the header's width x height, before anything is decoded.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check must never refuse what data.max_pixels allows
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files only fail here, not at open
-            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-            gray = im.convert("L")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below speaks instead
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise _too_big(path, width * height, max_pixels, f"{width}x{height} = ")
+                fmt = im.format
+                im.load()  # decode now: truncated files only fail here, not at open
+                im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+                gray = _gray8(im, path, fmt)
+    except Image.DecompressionBombError as e:  # over 2x PIL's limit, refused by Image.open itself
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_big(path, int(found.group(1)) if found else max_pixels + 1, max_pixels) from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
     if gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return np.asarray(gray, dtype=np.uint8)
 
 
-def load_images(paths: Sequence[Path], size: int) -> np.ndarray:
+def load_images(paths: Sequence[Path], size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Images as uint8 [n, size, size], in the order given."""
     out = np.empty((len(paths), size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
-        out[i] = load_image(path, size)
+        out[i] = load_image(path, size, max_pixels)
     return out

@@ -121,15 +121,39 @@ def build_manifest(cfg: DataConfig) -> pd.DataFrame:
     return kanjivg_manifest(cfg) if cfg.source == "kanjivg" else imagefolder_manifest(cfg)
 
 
-def decoder(cfg: DataConfig) -> Callable[[Path], None]:
-    """A function that raises if one raw file cannot be read as this source's format."""
+def decoder(cfg: DataConfig, manifest: pd.DataFrame | None = None) -> Callable[[Path], None]:
+    """A function that raises if one raw file cannot be read as this source's format.
+
+    For an ImageFolder with its `manifest`, a `Decoded`: it keeps the pixels it decodes for `materialize`, so
+    validation's decode is the only one.
+    """
     if cfg.source == "kanjivg":
         from components.data.kanjivg import parse_strokes
 
         return lambda p: None if parse_strokes(p) else None
+    if manifest is not None:
+        return Decoded(cfg, manifest)
     from components.data.imagefolder import load_image
 
-    return lambda p: None if load_image(p, cfg.image_size) is not None else None
+    return lambda p: None if load_image(p, cfg.image_size, cfg.max_pixels) is not None else None
+
+
+class Decoded:
+    """Decodes ImageFolder files straight into their manifest rows (one uint8 array, the dataset's size)."""
+
+    def __init__(self, cfg: DataConfig, manifest: pd.DataFrame) -> None:
+        self.size, self.max_pixels = cfg.image_size, cfg.max_pixels
+        self.images = np.empty((len(manifest), self.size, self.size), dtype=np.uint8)  # [N, H, W]
+        self.filled = np.zeros(len(manifest), dtype=bool)
+        self.rows = {str(Path(s)): r for s, r in manifest.groupby("source", sort=False).indices.items()}
+
+    def __call__(self, path: Path) -> None:
+        from components.data.imagefolder import load_image
+
+        image = load_image(path, self.size, self.max_pixels)
+        rows = self.rows.get(str(Path(path)))
+        if rows is not None:
+            self.images[rows], self.filled[rows] = image, True
 
 
 def _render_group(args: tuple[str, int, list[int], int]) -> np.ndarray:
@@ -139,15 +163,25 @@ def _render_group(args: tuple[str, int, list[int], int]) -> np.ndarray:
     return render_samples(Path(source), seed, indices, size)
 
 
-def materialize(cfg: DataConfig, manifest: pd.DataFrame, workers: int = 2) -> np.ndarray:
-    """Pixels [N, H, W] uint8 in manifest order: KanjiVG renderings or decoded ImageFolder files."""
+def materialize(
+    cfg: DataConfig, manifest: pd.DataFrame, workers: int = 2, decoded: Callable[[Path], None] | None = None
+) -> np.ndarray:
+    """Pixels [N, H, W] uint8 in manifest order: KanjiVG renderings or decoded ImageFolder files.
+
+    `decoded`: the `decoder(cfg, manifest)` validation ran, for this same manifest; what it decoded is reused.
+    """
     n, size = len(manifest), cfg.image_size
-    images = np.empty((n, size, size), dtype=np.uint8)
     if cfg.source == "imagefolder":
         from components.data.imagefolder import load_images
 
-        images[:] = load_images([Path(s) for s in manifest["source"]], size)
+        if isinstance(decoded, Decoded) and decoded.images.shape == (n, size, size):
+            images, todo = decoded.images, np.flatnonzero(~decoded.filled)
+        else:
+            images, todo = np.empty((n, size, size), dtype=np.uint8), np.arange(n)
+        sources = manifest["source"].to_numpy()
+        images[todo] = load_images([Path(sources[i]) for i in todo], size, cfg.max_pixels)
         return images
+    images = np.empty((n, size, size), dtype=np.uint8)
     groups = manifest.groupby("source", sort=True).indices  # source -> row positions
     jobs = [(src, cfg.seed, manifest["sample"].to_numpy()[rows].tolist(), size) for src, rows in groups.items()]
     workers = max(1, min(workers, os.cpu_count() or 1))
