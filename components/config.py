@@ -19,7 +19,16 @@ Scenario = Literal["open-class", "open-data", "extended-class", "extended-data"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan=False: `lr: .inf` or `alpha: .nan` is refused here, not minutes later inside training.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+
+def _known_arch(value: str) -> str:
+    from components.models import available_archs
+
+    if value not in available_archs():
+        raise ValueError(f"unknown architecture {value!r}; known: {', '.join(available_archs())}")
+    return value
 
 
 class DataConfig(Section):
@@ -37,6 +46,8 @@ class DataConfig(Section):
     samples_per_identity: int = Field(10, ge=2)  # training renderings per identity (kanjivg only)
     gallery_per_identity: int = Field(1, ge=1)
     query_per_identity: int = Field(2, ge=1)
+    # ImageFolder: an image with more pixels (width x height, read from its header) is refused before decoding.
+    max_pixels: int = Field(4096 * 4096, ge=1)
 
 
 class LegacyConfig(Section):
@@ -52,6 +63,11 @@ class LegacyConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     grad_clip: float = Field(5.0, gt=0)
     seed: int = 0
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return _known_arch(value)
 
 
 class OldConfig(Section):
@@ -104,6 +120,11 @@ class TrainConfig(Section):
     paragon: bool = True  # also train method "none" as the upper bound
     seed: int = 0
     threads: int = Field(2, ge=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return _known_arch(value)
 
     @field_validator("method")
     @classmethod
@@ -185,14 +206,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
-    """Read params.yaml (if it exists), apply dotted overrides, validate, freeze."""
-    path = Path(path)
+def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read params.yaml, apply dotted overrides, validate, freeze.
+
+    A params file that does not exist is an error naming it (a typo must never run the built-in defaults);
+    `path=None` asks for the built-in defaults explicitly.
+    """
     raw: dict[str, Any] = {}
-    if path.exists():
+    path = Path(path) if path is not None else Path("(built-in defaults)")
+    if path.name != "(built-in defaults)":
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found" + (" (it is a folder)" if path.is_dir() else ""))
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")

@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TMP}{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,11 +43,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp folder beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP, dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f".{path.name}{OLD}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -59,16 +59,58 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 # What atomic_path / atomic_dir leave behind when the writer is killed before its `finally` runs (SIGKILL,
-# power loss): `.NAME.RANDOM.tmp[SUFFIX]` files or folders, and `.NAME.old` mid-swap.
-_STALE = re.compile(r"^\..+\.(tmp(\.[A-Za-z0-9]+)?|old)$")
+# power loss): `.NAME.XXXXXXXX.mixbct-tmp[SUFFIX]` files or folders (8 random characters from tempfile), and
+# `.NAME.mixbct-old` mid-swap. The `mixbct-` part keeps a user's own `.notes.tmp` or `.thesis.tex.old` out of it.
+TMP, OLD = ".mixbct-tmp", ".mixbct-old"
+_STALE = re.compile(r"^\..+\.[a-z0-9_]{8}\.mixbct-tmp(\.[A-Za-z0-9]+)?$|^\..+\.mixbct-old$")
+# A work folder this project made (or adopted, when it held nothing else): the only kind the sweep touches.
+MARKER = ".mixbct-workdir"
+
+
+def foreign_entries(root: str | os.PathLike[str], layout: frozenset[str], fail: bool = False) -> list[str]:
+    """Names in `root` that are not the project's (none when it carries the marker or does not exist yet).
+
+    With `fail`, any such name raises an error naming the folder and a few of them.
+    """
+    from components.errors import UpgradeError
+
+    root = Path(root)
+    if not root.is_dir() or (root / MARKER).is_file():
+        return []
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in layout | {".lock", MARKER} and not _STALE.match(p.name))
+    if foreign and fail:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UpgradeError(
+            f"{root}: not a mixbct work folder (it holds {shown} and no {MARKER} file); use an empty or new --workdir"
+        )
+    return foreign
+
+
+def claim_workdir(root: str | os.PathLike[str], layout: frozenset[str]) -> Path:
+    """Mark `root` as a mixbct work folder, or refuse one that holds anything else.
+
+    A new or empty folder, or one holding only names of the project's `layout` (a work folder of an older
+    version), gets the marker file. A folder with other content (the user's own files) is refused, so nothing
+    is written into it or swept from it. Call it while holding `exclusive(root)`.
+    """
+    root = Path(root)
+    marker = root / MARKER
+    if not marker.is_file():
+        foreign_entries(root, layout, fail=True)
+        write_text(marker, "This folder holds mixbct stage outputs; interrupted writes in it are swept on the next run.\n")
+    return marker
 
 
 def sweep_stale(root: str | os.PathLike[str]) -> list[Path]:
     """Delete the temp files and folders that interrupted atomic writes left under `root`; log and return them.
 
+    Only in a folder that carries the marker (see `claim_workdir`), and only names the atomic writers create.
     Call it only while holding `exclusive(root)`: a live writer's temp files look the same.
     """
     root = Path(root)
+    if not (root / MARKER).is_file():
+        log.warning("%s: no %s marker, so no interrupted writes are swept", root, MARKER)
+        return []
     stale = sorted((p for p in root.rglob(".*") if _STALE.match(p.name)), key=lambda p: len(p.parts))
     removed: list[Path] = []
     for p in stale:

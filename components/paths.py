@@ -6,6 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# Every name the upgrade writes directly under its work folder (what `io.claim_workdir` accepts as its own).
+# `benchmark` is the grids' default folder (artifacts/benchmark); `.gitignore` what DVC may write beside outputs.
+LAYOUT = frozenset({
+    "dataset", "legacy", "old_features", "new", "paragon", "eval", "reports", "checkpoints", "registration.json",
+    "benchmark", ".gitignore",
+})  # fmt: skip
+# ... and under a benchmark grid's folder.
+BENCHMARK_LAYOUT = frozenset({"cells", "shared"})
+
+
 @dataclass(frozen=True)
 class Paths:
     root: Path

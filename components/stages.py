@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from components.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LegacyConfig, OldConfig, TrainConfig
-from components.errors import DataError
+from components.errors import ConfigError, DataError
 from components.io import atomic_dir, file_sha256, save_npy, tree_sha256, write_json, write_text
 from components.paths import Paths
 from components.progress import bar
@@ -58,23 +58,62 @@ def prepare(cfg: DataConfig, paths: Paths, workers: int = 2) -> dict[str, Any]:
 
     manifest = build_manifest(cfg)
     classes = num_classes(manifest)
+    decode = decoder(cfg, manifest)  # keeps what it decodes: each image is decoded once, here
     report = validate_manifest(
         manifest,
         classes,
-        decode=decoder(cfg),
+        decode=decode,
         source_name=cfg.root,
         report_path=paths.reports / "data_validation.md",
         shared_train_samples=cfg.scenario.startswith("extended"),
     )
     report.raise_for_failure(paths.reports / "data_validation.md")
     with bar("render dataset" if cfg.source == "kanjivg" else "load images", 1) as advance:
-        images = materialize(cfg, manifest, workers=workers)
+        images = materialize(cfg, manifest, workers=workers, decoded=decode)
         advance(1)
     with atomic_dir(paths.dataset) as tmp:
         manifest.to_csv(tmp / "manifest.csv", index=False)
         np.save(tmp / "images.npy", images)
         write_json(tmp / "summary.json", {"rows": len(manifest), "classes": classes, "splits": _split_counts(manifest)})
     return {"manifest": str(paths.manifest), "rows": len(manifest), "classes": classes}
+
+
+def check_inputs(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Every check that needs no training, before any stage writes anything (only validation reports are written).
+
+    The splits against the batch sizes (training drops the last partial batch, so a split smaller than one batch
+    would train on nothing), and a user's old model and gallery: readable, the embedding and input sizes agree
+    with params, one finite, well-scaled row per gallery image (the Great Expectations gallery suite, run on the
+    user's file itself, so a rejected gallery is never copied into the work folder).
+    """
+    from components.data.manifest import build_manifest, split_rows
+
+    manifest = build_manifest(cfg.data)
+    counts = _split_counts(manifest)
+    sizes = [("train.batch_size", cfg.train.batch_size, "new_train")]
+    if cfg.old.model is None:
+        sizes.append(("legacy.batch_size", cfg.legacy.batch_size, "old_train"))
+    for field, batch, split in sizes:
+        if counts.get(split, 0) < batch:
+            raise ConfigError(
+                f"{field} = {batch} is larger than the {split} split ({counts.get(split, 0)} samples of "
+                f"{cfg.data.root} with these data.* params): lower it or add data"
+            )
+    if cfg.old.model is not None and cfg.old.gallery is not None:
+        from components.embed import check_compatible_dims, load_embedder
+        from components.validation import validate_embeddings
+
+        embedder = load_embedder(cfg.old.model, threads=cfg.train.threads)
+        check_compatible_dims(embedder, cfg.train.embedding_dim, cfg.data.image_size, name=cfg.old.model)
+        gallery_rows = manifest.iloc[split_rows(manifest, "gallery")]
+        gallery, _ = _load_gallery_file(Path(cfg.old.gallery), gallery_rows)
+        report_path = paths.reports / "legacy_gallery_validation.md"
+        report = validate_embeddings(
+            gallery, cfg.train.embedding_dim, len(gallery_rows), source_name=cfg.old.gallery, suite="legacy_gallery",
+            report_path=report_path,
+        )  # fmt: skip
+        report.raise_for_failure(report_path)
+    return {"rows": len(manifest), "splits": counts}
 
 
 def _split_counts(manifest: pd.DataFrame) -> dict[str, int]:
@@ -109,13 +148,13 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
     With `old.model`/`old.gallery` set, those files are imported as they are; otherwise a small CNN is trained
     on the old split (softmax or ArcFace head) and the gallery is embedded with it.
     """
-    from components.embed import export_onnx, extract, load_embedder, onnx_parity, save_backbone
+    from components.embed import export_onnx, extract, load_embedder, model_sha256, onnx_parity, save_backbone
 
     with atomic_dir(paths.legacy) as out:
         if old.model is not None and old.gallery is not None:
             src = Path(old.model)
             embedder = load_embedder(src, threads=threads)  # fails early, naming the file, if unreadable
-            shutil.copyfile(src, out / f"model{src.suffix}")
+            model_name = _copy_model(src, out)
             from components.data.manifest import split_rows
 
             manifest = load_manifest(paths)
@@ -123,7 +162,7 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
             save_npy(out / "gallery.npy", gallery)
             info = {
                 "origin": "imported",
-                "model": f"model{src.suffix}",
+                "model": model_name,
                 "source_model": str(src),
                 "source_gallery": str(old.gallery),
                 "source_gallery_sha256": file_sha256(old.gallery),
@@ -169,10 +208,31 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
             write_json(out / "history.json", history)
             _write_history_csv(out / "history.csv", history)
             info = {"origin": "trained", "model": "model.onnx", "embedding_dim": cfg.embedding_dim, "onnx_parity": parity}
-        info["model_sha256"] = file_sha256(out / info["model"])
+        info["model_sha256"] = model_sha256(out / info["model"])
         info["gallery_sha256"] = file_sha256(out / "gallery.npy")
         write_json(out / "info.json", info)
     return info
+
+
+# What the legacy stage writes itself: an imported model's external data files must not land on these.
+_LEGACY_NAMES = frozenset({"model.onnx", "model.pt", "gallery.npy", "info.json", "history.json", "history.csv"})
+
+
+def _copy_model(src: Path, out: Path) -> str:
+    """Copy a user's model into `out` as model.onnx or model.pt (by content, not suffix), with the external data
+    files an ONNX model references at the same relative locations; returns the model's file name."""
+    from components.embed import model_files, model_format
+
+    name = f"model.{model_format(src)}"
+    files = model_files(src)
+    shutil.copyfile(src, out / name)
+    for f in files[1:]:
+        rel = f.relative_to(src.parent)
+        if rel.parts[0] in _LEGACY_NAMES:
+            raise DataError(f"{src}: external data location {rel.as_posix()!r} clashes with legacy files")
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out / rel)
+    return name
 
 
 def _image_key(path: str) -> str:
@@ -186,21 +246,48 @@ def _load_gallery_file(path: Path, gallery_rows: pd.DataFrame) -> tuple[np.ndarr
     `.npy`: already in that order (the validation suite checks the row count). `.npz`: `embeddings` [n, d] with
     `paths` (image files) or `ids` (manifest ids) naming each row, any order; rows for images outside the test
     gallery are left out, a gallery image without a row is an error.
+
+    The format is read from the content, not the suffix. An .npz saved under a .npy name is read as an .npz: its
+    names say which row is which. A plain array under an .npz name is refused: the user meant keyed rows, and
+    taking them in manifest order could pair embeddings with the wrong images without any error.
     """
+    import zipfile
+    import zlib
+
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read gallery embeddings as .npy/.npz ({err})") from err
-    if path.suffix != ".npz":
-        return np.asarray(loaded, dtype=np.float32), {}
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read gallery embeddings ({err.strerror or err})") from None
+    if magic == b"\x93NUMPY":
+        if path.suffix == ".npz":
+            raise DataError(f"{path}: a plain .npy array under an .npz name, so no `paths`/`ids` say which image each "
+                            "row is; if its rows are in gallery-manifest order, rename it to .npy")  # fmt: skip
+        try:
+            return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32), {}
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{path}: cannot read gallery embeddings as a float .npy array ({err})") from None
+    if not magic.startswith(b"PK\x03\x04"):
+        raise DataError(f"{path}: {'an empty file' if not magic else 'neither a .npy nor an .npz file'}, "
+                        "not gallery embeddings")  # fmt: skip
+    try:
+        loaded = np.load(path, allow_pickle=False)  # a zip of .npy arrays, whatever its name
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: cannot read gallery embeddings as .npz ({err})") from None
     with loaded:
         if "embeddings" not in loaded.files or not {"paths", "ids"} & set(loaded.files):
             raise DataError(f"{path}: an .npz gallery needs `embeddings` and `paths` or `ids` arrays; it has {sorted(loaded.files)}")
         field = "ids" if "ids" in loaded.files else "paths"
         try:
             embeddings, names = loaded["embeddings"], loaded[field]
-        except ValueError as err:  # object arrays need pickle: refused
-            raise DataError(f"{path}: `{field}` must be a string array, not objects ({err})") from err
+        except ValueError as err:
+            if "pickle" in str(err):  # object arrays need pickle: refused
+                raise DataError(f"{path}: `{field}` must be a string array, not objects ({err})") from None
+            raise DataError(f"{path}: a damaged .npz ({err})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise DataError(f"{path}: a damaged .npz ({err})") from None
+    if embeddings.dtype.kind not in "biuf":
+        raise DataError(f"{path}: `embeddings` must hold numbers, not {embeddings.dtype}")
     if embeddings.ndim != 2 or len(names) != len(embeddings):
         raise DataError(f"{path}: `embeddings` {embeddings.shape} and `{field}` ({len(names)}) must have one row per name")
     keys = [str(n) if field == "ids" else _image_key(str(n)) for n in names]
@@ -398,9 +485,11 @@ def upgrade_key(cfg: Config, data: str) -> str:
     """
     import hashlib
 
+    from components.embed import model_sha256
+
     parts = {"params": cfg.as_dict(), "data": data}
     if cfg.old.model is not None and cfg.old.gallery is not None:
-        parts["old_model"] = file_sha256(cfg.old.model)
+        parts["old_model"] = model_sha256(Path(cfg.old.model))
         parts["gallery"] = file_sha256(cfg.old.gallery)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

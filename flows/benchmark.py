@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from components import benchmark as bm
 from components import registry, stages
-from components.io import exclusive, sweep_stale
+from components.io import claim_workdir, exclusive, sweep_stale
+from components.paths import BENCHMARK_LAYOUT
 
 
 def _build(plan: bm.Plan, piece: str) -> None:
@@ -51,6 +52,7 @@ def benchmark(
     plans = bm.plan(spec, params, root)  # every override validated before any work
     stages.set_threads(plans[0].cfg.train.threads)
     with exclusive(root, what="a benchmark"):
+        claim_workdir(root, BENCHMARK_LAYOUT)  # a folder of the user's own files is refused, never written or swept
         sweep_stale(root)  # what a run killed mid-write left; never read as output
         todo = [p for p in plans if not bm.is_done(p)]
         print(f"grid {spec.name}: {len(plans)} cells, {len(plans) - len(todo)} done, {len(todo)} to run")

@@ -15,8 +15,20 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from components import registry, stages
 from components.config import load_config
-from components.io import exclusive, sweep_stale
-from components.paths import Paths
+from components.errors import UpgradeError
+from components.io import claim_workdir, exclusive, sweep_stale
+from components.paths import LAYOUT, Paths
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: an UpgradeError is bad input that fails the same way on every try."""
+    error = state.data
+    if not isinstance(error, BaseException):
+        try:
+            error = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001  (unreadable result: keep Prefect's default, retry)
+            return True
+    return not isinstance(error, UpgradeError)
 
 
 def _publish_reports(paths: Paths) -> None:
@@ -48,9 +60,11 @@ def upgrade(
         print(f"nothing to upgrade: {existing['model_name']} version {existing['version']} was built from the same inputs")
         return {"status": "nothing-to-upgrade", "existing": existing, "workdir": str(paths.root)}
     with exclusive(paths.root):  # a second run on the same work folder is refused, never interleaved
+        claim_workdir(paths.root, LAYOUT)  # a folder of the user's own files is refused, never written or swept
         sweep_stale(paths.root)  # what a run killed mid-write left; never read as output
         try:
-            task(stages.prepare, name="validate-and-prepare-data", retries=1)(cfg.data, paths)
+            task(stages.check_inputs, name="check-inputs")(cfg, paths)  # bad input stops before anything is written
+            task(stages.prepare, name="validate-and-prepare-data", retries=1, retry_condition_fn=retry_unless_bad_input)(cfg.data, paths)
             task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
             task(stages.extract_old, name="extract-old-features")(
                 cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads

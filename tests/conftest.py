@@ -114,3 +114,19 @@ def registry_inputs_in(root: Path, compatible: bool) -> tuple[Any, dict[str, str
 def registry_inputs():
     """`registry_inputs(root, compatible)`: a work folder ready for registration (see registry_inputs_in)."""
     return registry_inputs_in
+
+
+@pytest.fixture(autouse=True)
+def _log_streams_alive():
+    """Prefect's console handler (also on the `components` logger) keeps the stream it was configured with; when
+    that was a CliRunner's captured stream of an earlier test, now closed, every log line would print a
+    '--- Logging error ---' traceback into later tests' output. Point such handlers back at the real stderr."""
+    import logging
+    import sys
+
+    for name in ("components", "prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.stream = sys.__stderr__  # not setStream(): it flushes the closed stream first
+    yield

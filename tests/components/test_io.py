@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from components.errors import UpgradeError
-from components.io import atomic_dir, exclusive, sweep_stale, write_text
+from components.io import MARKER, atomic_dir, claim_workdir, exclusive, sweep_stale, write_text
+from components.paths import LAYOUT
 
 
 def test_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
@@ -61,11 +62,12 @@ def test_writes_killed_midway_leave_only_temp_names_that_the_next_run_sweeps(tmp
     writer.kill()  # SIGKILL: no `finally` runs
     writer.wait()
     hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
-    assert len(hidden) == 2 and all(".tmp" in name for name in hidden), hidden
+    assert len(hidden) == 2 and all(".mixbct-tmp" in name for name in hidden), hidden
     assert (tmp_path / "eval" / "metrics.json").read_text() == "{}" and not (tmp_path / "ck.pt").exists()
 
     with exclusive(tmp_path), caplog.at_level("INFO", logger="components.io"):
+        claim_workdir(tmp_path, LAYOUT)
         removed = sweep_stale(tmp_path)
     assert sorted(p.name for p in removed) == hidden
     assert sorted(r.getMessage() for r in caplog.records) == sorted(f"removed an interrupted write: {p}" for p in removed)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "eval"]  # the lock and the finished output stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", MARKER, "eval"]  # the lock and the finished output stay

@@ -52,7 +52,7 @@ def test_tiny_grid_shares_work_reports_logs_and_resumes(params_factory, tmp_path
     legacy_mtime = next((root / "shared/legacy").iterdir()).stat().st_mtime_ns
     gone.unlink()
     # and a temp file that a killed atomic write left in shared work is swept, never taken for output
-    stale = next((root / "shared/new").iterdir()) / "new" / ".model.pt.x1y2z3.tmp"
+    stale = next((root / "shared/new").iterdir()) / "new" / ".model.pt.x1y2z3_.mixbct-tmp.pt"
     stale.write_bytes(b"half a checkpoint")
     again = benchmark(grid=str(grid), params=str(params), workdir=str(work), report=str(docs))
     assert again["ran"] == [gone.parent.name]
