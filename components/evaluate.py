@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 from rich.table import Table
+from rich.text import Text
 from sklearn.metrics import roc_curve
 
 TOP_KS: tuple[int, ...] = (1, 5)
@@ -256,9 +257,12 @@ def verification_metrics(
 
 
 def _evaluate(
-    xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray
+    xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray, retrieval: np.ndarray | None = None
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    metrics = retrieval_metrics(xq, yq, xb, yb, ks=TOP_KS)
+    if retrieval is None:
+        metrics = retrieval_metrics(xq, yq, xb, yb, ks=TOP_KS)
+    else:  # 1:N metrics on the selected queries only; verification still sees every query
+        metrics = retrieval_metrics(np.asarray(xq)[retrieval], np.asarray(yq)[retrieval], xb, yb, ks=TOP_KS)
     tars, roc = verification_metrics(xq, yq, xb, yb, fars=FARS)
     return {**metrics, **tars}, roc
 
@@ -318,15 +322,17 @@ class CompatibilityTable:
         cols = self.metrics
         title = "Compatibility" if criterion is None else f"Compatibility: {'PASSED' if criterion.passed else 'FAILED'}"
         table = Table(title=title)
-        table.add_column("query/gallery")
+        # In a narrow terminal the labels wrap (folded, never cut to "paragon/p…") and the metric columns keep
+        # their width: "tar@far=1…" three times over, or half a number, would hide which is which.
+        table.add_column("query/gallery", overflow="fold")
         for m in cols:
-            table.add_column(m, justify="right")
+            table.add_column(m, justify="right", no_wrap=True)
         for pair, row in self.rows.items():
-            table.add_row(pair_name(*pair), *(_fmt(row.get(m)) for m in cols))
+            table.add_row(Text(pair_name(*pair)), *(_fmt(row.get(m)) for m in cols))  # Text: a name is not markup
         if criterion is not None:
             table.add_section()
             for label, cells in criterion.verdict_rows(cols):
-                table.add_row(label, *cells)
+                table.add_row(Text(label), *cells)
         return table
 
 
@@ -335,15 +341,26 @@ def compatibility_table(
     yq: np.ndarray,
     yb: np.ndarray,
     pairs: Sequence[tuple[str, str]],
+    retrieval_queries: np.ndarray | None = None,
 ) -> CompatibilityTable:
     """Evaluate each (query model, gallery model) pair; features[model] = (query feats, gallery feats) of that
-    model on the same query and gallery images, in the order of yq and yb."""
+    model on the same query and gallery images, in the order of yq and yb.
+
+    Every query must have a same-identity gallery item, unless ``retrieval_queries`` (bool [n_q]) selects the
+    queries that the 1:N metrics (top-k, mAP) use: open-set data, where queries of identities absent from the
+    gallery can never be retrieved but still count as impostors in the 1:1 TAR@FAR pairs."""
+    if retrieval_queries is not None:
+        retrieval_queries = np.asarray(retrieval_queries, dtype=bool).ravel()
+        if retrieval_queries.shape != (len(yq),):
+            raise ValueError(f"retrieval_queries has {retrieval_queries.size} entries for {len(yq)} queries")
     unknown = sorted({m for p in pairs for m in p} - set(features))
     if unknown:
         raise ValueError(f"no features for model(s) {unknown}; known: {sorted(features)}")
     rows, rocs = {}, {}
     for query, gallery in pairs:
-        rows[(query, gallery)], rocs[(query, gallery)] = _evaluate(features[query][0], yq, features[gallery][1], yb)
+        rows[(query, gallery)], rocs[(query, gallery)] = _evaluate(
+            features[query][0], yq, features[gallery][1], yb, retrieval_queries
+        )
     return CompatibilityTable(rows=rows, rocs=rocs)
 
 
