@@ -53,6 +53,14 @@ def _overrides(items: list[str] | None, **named: Any) -> dict[str, Any]:
     return out
 
 
+def foreign_check(workdir: Path) -> None:
+    """Refuse a --workdir that holds the user's own files, before anything (the lock file included) is written."""
+    from components.io import foreign_entries
+    from components.paths import LAYOUT
+
+    foreign_entries(workdir, LAYOUT, fail=True)
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {escape(str(err))}")
     report = getattr(err, "report", None)
@@ -79,6 +87,7 @@ def upgrade(
 
         overrides = _overrides(set_, **{"data.root": data_root, "data.source": source, "old.model": old_model, "old.gallery": gallery})
         load_config(params, overrides)  # fail on bad params before Prefect starts
+        foreign_check(workdir)  # and on a --workdir full of the user's own files
         from flows.upgrade import upgrade as upgrade_flow
 
         result = upgrade_flow(params=str(params), workdir=str(workdir), overrides=overrides, force=force)
@@ -123,7 +132,7 @@ def stage(
         stages.set_threads(cfg.train.threads)
         size, threads = cfg.data.image_size, cfg.train.threads
         runners = {
-            "prepare": lambda: stages.prepare(cfg.data, paths),
+            "prepare": lambda: _prepare(cfg, paths),
             "legacy": lambda: stages.legacy(cfg.legacy, cfg.old, size, paths, threads),
             "extract": lambda: stages.extract_old(cfg.extract, cfg.train.embedding_dim, size, paths, threads),
             "train": lambda: stages.train(cfg.train, size, paths, "new"),
@@ -133,12 +142,26 @@ def stage(
         }
         if name not in runners:
             raise UpgradeError(f"unknown stage {name!r}; known: {', '.join(runners)}")
-        result = runners[name]()
+        from components.io import claim_workdir, exclusive, sweep_stale
+        from components.paths import LAYOUT
+
+        foreign_check(workdir)
+        with exclusive(paths.root, what="a run"):  # never beside a running upgrade or another stage
+            claim_workdir(paths.root, LAYOUT)
+            sweep_stale(paths.root)
+            result = runners[name]()
     except UpgradeError as err:
         _fail(err)
     if name == "evaluate":
         Console().print((Path(workdir) / "eval" / "table.md").read_text())
     console.print_json(json.dumps(result, default=str))
+
+
+def _prepare(cfg: Any, paths: Any) -> dict[str, Any]:
+    from components import stages
+
+    stages.check_inputs(cfg, paths)  # the old model, the gallery and the batch sizes, before anything is written
+    return stages.prepare(cfg.data, paths)
 
 
 def _register(cfg: Any, paths: Any, params: Path) -> dict[str, Any]:
@@ -154,42 +177,66 @@ def _register(cfg: Any, paths: Any, params: Path) -> dict[str, Any]:
     return out
 
 
+def _print_comparison(result: Any) -> None:
+    """The table on stdout: as wide as it needs when piped (a file has no width), folded to fit a terminal."""
+    rendered = result.table.rich_table(result.verdict)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=max(out.width, Console(width=1 << 16).measure(rendered).maximum))
+    out.print(rendered)
+    gate = ", ".join(result.verdict.gate_metrics)
+    out.print(f"gate ({gate}): {'PASSED' if result.verdict.passed else 'FAILED'}", markup=False, highlight=False)
+    for line in result.verdict.reasons:
+        out.print(f"- {line}", markup=False, highlight=False)
+    for line in result.notes:
+        out.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def evaluate(
     query_model: Annotated[Path, typer.Option(help="model embedding the queries (.onnx or .pt), e.g. the new one")],
     gallery_model: Annotated[Path, typer.Option(help="model that embedded the gallery (.onnx or .pt), e.g. the old one")],
     query_dir: Annotated[Path, typer.Option(help="ImageFolder of query images: root/<identity>/<image>")],
     gallery_dir: Annotated[Path, typer.Option(help="ImageFolder of gallery images: root/<identity>/<image>")],
-    image_size: Annotated[int, typer.Option(help="resize images to this size")] = 32,
+    query_name: Annotated[str, typer.Option(help="name of the query model in rows and JSON keys")] = "new",
+    gallery_name: Annotated[str, typer.Option(help="name of the gallery model in rows and JSON keys")] = "old",
+    paragon: Annotated[Path | None, typer.Option(help="optional third model trained without compatibility: adds "
+                                                      "its rows, update gain and retention")] = None,  # fmt: skip
+    paragon_name: Annotated[str, typer.Option(help="name of the paragon in rows and JSON keys")] = "paragon",
+    image_size: Annotated[int | None, typer.Option(help="resize images to this size (default: the models' own input "
+                                                        "size; needed only when all accept any size)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print the results as JSON instead of the table")] = False,
+    output: Annotated[Path | None, typer.Option(help="also write the results as JSON to this file")] = None,
     threads: Annotated[int, typer.Option(help="torch/faiss/onnxruntime threads")] = 2,
 ) -> None:
-    """Compare two models on your own query/gallery folders: old/old, new/old, new/new and the criterion."""
+    """Compare models on your own query/gallery folders: old/old, new/old, new/new (+ paragon rows), the criterion."""
     _environment()
-    import numpy as np
-
-    from components.data.imagefolder import load_images, scan
-    from components.embed import extract, load_embedder
-    from components.evaluate import compatibility_table, criterion
+    from components.compare import ModelSpec, compare
+    from components.io import write_json
     from components.stages import set_threads
 
     try:
         set_threads(threads)
-        new, old = load_embedder(query_model, threads), load_embedder(gallery_model, threads)
-        if new.dim != old.dim:
-            raise UpgradeError(f"{query_model}: {new.dim}-d embeddings cannot be compared with {gallery_model}: {old.dim}-d")
-        q, g = scan(query_dir), scan(gallery_dir)
-        names = {n: i for i, n in enumerate(sorted({i for _, i in q} | {i for _, i in g}))}
-        yq = np.array([names[i] for _, i in q])
-        yb = np.array([names[i] for _, i in g])
-        xq_img, xb_img = load_images([p for p, _ in q], image_size), load_images([p for p, _ in g], image_size)
-        features = {
-            "old": (extract(old, xq_img), extract(old, xb_img)),
-            "new": (extract(new, xq_img), extract(new, xb_img)),
-        }
-        table = compatibility_table(features, yq, yb, [("old", "old"), ("new", "old"), ("new", "new")])
+        result = compare(
+            ModelSpec("query", query_name, query_model, "--query-name"),
+            ModelSpec("gallery", gallery_name, gallery_model, "--gallery-name"),
+            query_dir,
+            gallery_dir,
+            paragon=None if paragon is None else ModelSpec("paragon", paragon_name, paragon, "--paragon-name"),
+            image_size=image_size,
+            threads=threads,
+        )
+        if output is not None:
+            try:
+                write_json(output, result.to_dict())
+            except OSError as err:
+                raise UpgradeError(f"{output}: cannot write the results ({err.strerror or err})") from err
     except (UpgradeError, ValueError) as err:
         _fail(err)
-    Console().print(table.rich_table(criterion(table, paragon=None)))
+    if json_:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    else:
+        _print_comparison(result)
 
 
 @app.command()
@@ -255,11 +302,34 @@ def rollback(params: ParamsOpt = Path("params.yaml")) -> None:
     Console().print(f"{out['model_name']}: @champion -> version {out['champion']} (rolled back from {out['rolled_back_from']})")
 
 
-def main() -> None:
+@app.command()
+def doctor(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Find what killed runs left in the MLflow store: delete incomplete versions, mark dead RUNNING runs FAILED."""
+    _environment()
+    from components import registry
+    from components.config import load_config
+
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+        out = registry.doctor(load_config(params).registry)
+    except UpgradeError as err:
+        _fail(err)
+    con = Console()
+    for label in out["deleted_versions"]:
+        con.print(f"deleted incomplete {label}")
+    for run_id in out["failed_runs"]:
+        con.print(f"marked run {run_id} FAILED (its process had died)")
+    for note in out["skipped"]:
+        con.print(f"left: {note}")
+    con.print(f"{out['model_name']}: complete versions {out['complete_versions'] or 'none'}, aliases "
+              f"{out['aliases'] or 'none'}, incomplete {out['incomplete_versions'] or 'none'}")
+
+
+def main() -> None:
+    from flows.interrupt import install
+
+    # Before app() runs, so that Ctrl-C never becomes click's "Aborted!" (exit 1): one line, exit 130/143.
+    install()
+    app()
 
 
 if __name__ == "__main__":
