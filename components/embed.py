@@ -22,7 +22,7 @@ from torch import nn
 from components.errors import DataError, IncompatibleModel, UpgradeError
 from components.io import atomic_path, file_sha256
 from components.models import build_backbone
-from components.train import to_input
+from components.preprocess import to_input
 
 if TYPE_CHECKING:
     import onnx

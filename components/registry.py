@@ -1,9 +1,9 @@
 """MLflow tracking and the conditional registration of a compatible model (the only module importing MLflow).
 
 Every upgrade becomes one MLflow run: params, the resolved config, per-epoch training curves, the cross-model
-table and the validation reports. Only when the compatibility gate passes is the new model's ONNX export
-(checked against torch) registered as a new version with alias `challenger`; otherwise the run is tagged with
-the reason and no version is created.
+table and the validation reports. Only when the gate's decision (components.gate, taken by `stages.register`)
+says so is the new model's ONNX export registered as a new version with alias `challenger`; otherwise the run is
+tagged with the reasons and no version is created. This module records; it decides nothing and runs no model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from components.config import Config, RegisterConfig
 from components.errors import UpgradeError
+from components.gate import Decision
 from components.paths import Paths
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -71,13 +72,17 @@ def _log_history(prefix: str, history_file: Path) -> None:
         mlflow.log_metrics(metrics, step=step)
 
 
-def _onnx_signature(onnx_path: Path, image_size: int) -> Any:
+def _onnx_signature(model: Any) -> tuple[Any, np.ndarray]:
+    """Signature and input example from the ONNX graph's own input/output shapes (dynamic dims -> batch of 2):
+    what is registered describes itself, without running it here."""
     from mlflow.models import infer_signature
 
-    from components.embed import OnnxEmbedder
+    def zeros(value: Any) -> np.ndarray:
+        dims = [d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim]
+        return np.zeros(dims, dtype=np.float32)
 
-    x = np.zeros((2, 1, image_size, image_size), dtype=np.float32)
-    return infer_signature(x, OnnxEmbedder(onnx_path)(x)), x
+    x = zeros(model.graph.input[0])
+    return infer_signature(x, zeros(model.graph.output[0])), x
 
 
 # A version is complete, and visible to `promote` and to the "nothing to upgrade" check, only once this tag is
@@ -120,12 +125,18 @@ def is_complete(version: Any) -> bool:
 
 
 def track_and_register(
-    cfg: Config, paths: Paths, fingerprint: dict[str, str], extra_metrics: dict[str, float] | None = None
+    cfg: Config,
+    paths: Paths,
+    fingerprint: dict[str, str],
+    decision: Decision,
+    legacy: dict[str, Any],
+    extra_metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Log the upgrade as one MLflow run; register the new model only if the gate passed.
+    """Log the upgrade as one MLflow run; register the new model only if `decision.register`.
 
     `fingerprint` holds content hashes (data, old model, gallery, params) recorded as tags, so a later run can
-    tell whether anything changed. What earlier registrations killed half-way left behind is cleaned up first.
+    tell whether anything changed; `legacy` is the legacy stage's info (the old model and gallery it checked
+    against). What earlier registrations killed half-way left behind is cleaned up first.
     """
     import mlflow
 
@@ -133,31 +144,36 @@ def track_and_register(
     experiment_id = connect(reg)
     recover(reg)
     metrics = json.loads((paths.eval / "metrics.json").read_text())
-    verdict = metrics["criterion"]
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"upgrade-{cfg.train.method}", tags=_process_tags()) as run:
-        tags = _log_upgrade(cfg, paths, fingerprint, metrics, extra_metrics)
-        result: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": experiment_id, "passed": verdict["passed"]}
-        if not verdict["passed"]:
-            reason = "; ".join(verdict["reasons"]) or "gate failed"
-            mlflow.set_tags({"registration": "refused", "registration.reason": reason})
-            result.update(registered=False, reason=reason)
+        tags = _log_upgrade(cfg, paths, fingerprint, metrics, decision, extra_metrics)
+        result: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": experiment_id, "passed": decision.compatible}
+        if not decision.register:
+            mlflow.set_tags({"registration": "refused", "registration.reason": decision.reason})
+            result.update(registered=False, reason=decision.reason)
             return result
-        version = _register_version(cfg, paths, fingerprint, tags, run.info.run_id)
+        version = _register_version(cfg, paths, fingerprint, tags, legacy, run.info.run_id)
         mlflow.set_tag("registration", f"{reg.model_name}/{version}")
         result.update(registered=True, model_name=reg.model_name, version=version, alias=CHALLENGER)
         return result
 
 
 def _log_upgrade(
-    cfg: Config, paths: Paths, fingerprint: dict[str, str], metrics: dict[str, Any], extra_metrics: dict[str, float] | None
+    cfg: Config,
+    paths: Paths,
+    fingerprint: dict[str, str],
+    metrics: dict[str, Any],
+    decision: Decision,
+    extra_metrics: dict[str, float] | None,
 ) -> dict[str, str]:
     """Params, resolved config, curves, the table and the reports into the active run; returns its verdict tags."""
     import mlflow
 
-    verdict = metrics["criterion"]
     mlflow.log_params(cfg.flat())
-    if extra_metrics:
-        mlflow.log_metrics(extra_metrics)
+    extra = dict(extra_metrics or {})
+    if decision.onnx_parity is not None:
+        extra["onnx.max_abs_diff"] = decision.onnx_parity
+    if extra:
+        mlflow.log_metrics(extra)
     mlflow.log_dict(cfg.as_dict(), "config/resolved_config.json")
     for role, folder in (("legacy", paths.legacy), ("new", paths.model_dir("new")), ("paragon", paths.model_dir("paragon"))):
         _log_history(f"train.{role}", folder / "history.json")
@@ -171,42 +187,34 @@ def _log_upgrade(
         mlflow.log_artifact(str(figure), "compatibility")
     for report in sorted(paths.reports.glob("*.md")):
         mlflow.log_artifact(str(report), "validation")
-    tags = {f"gate.{metric_key(m)}": str(ok) for m, ok in verdict["cross"].items()}
-    tags.update({f"self.{metric_key(m)}": str(ok) for m, ok in verdict["self"].items()})
-    tags.update({"gate.passed": str(verdict["passed"]), **{f"hash.{k}": v for k, v in fingerprint.items()}})
+    tags = {metric_key(k): v for k, v in decision.tags.items()}
+    tags.update({f"hash.{k}": v for k, v in fingerprint.items()})
     mlflow.set_tags(tags)
     return tags
 
 
-def _register_version(cfg: Config, paths: Paths, fingerprint: dict[str, str], tags: dict[str, str], run_id: str) -> int:
-    """ONNX export (checked against torch) -> a new version with every tag in one call -> description -> alias ->
-    the `registration=complete` marker. Killed anywhere before the marker, the version stays invisible to readers."""
+def _register_version(
+    cfg: Config, paths: Paths, fingerprint: dict[str, str], tags: dict[str, str], old: dict[str, Any], run_id: str
+) -> int:
+    """ONNX export (checked against torch by the gate) -> a new version with every tag in one call -> description
+    -> alias -> the `registration=complete` marker. Killed anywhere before the marker, the version stays invisible
+    to readers."""
     import mlflow
+    import mlflow.onnx
     import onnx
     from mlflow import MlflowClient
 
-    from components.embed import load_backbone, onnx_parity
-    from components.stages import legacy_info, split_arrays
-
     reg = cfg.registry
-    onnx_path = paths.model_dir("new") / "model.onnx"
-    backbone, meta = load_backbone(paths.model_dir("new") / "model.pt")
-    gallery_images, _ = split_arrays(paths, "gallery")
-    parity = onnx_parity(backbone, onnx_path, gallery_images[:128])
-    mlflow.log_metric("onnx.max_abs_diff", parity)
-    if parity > reg.onnx_tolerance:
-        mlflow.set_tags({"registration": "refused", "registration.reason": f"ONNX parity {parity:.2e} > {reg.onnx_tolerance}"})
-        raise UpgradeError(f"{onnx_path}: ONNX export differs from torch by {parity:.2e} (> {reg.onnx_tolerance})")
-    signature, example = _onnx_signature(onnx_path, int(meta["image_size"]))
+    model = onnx.load(str(paths.model_dir("new") / "model.onnx"))
+    signature, example = _onnx_signature(model)
     info = mlflow.onnx.log_model(
-        onnx_model=onnx.load(str(onnx_path)),
+        onnx_model=model,
         name="model",
         signature=signature,
         input_example=example,
         onnx_execution_providers=["CPUExecutionProvider"],
         pip_requirements=["onnx", "onnxruntime"],
     )
-    old = legacy_info(paths)
     version_tags = {
         **tags,
         "run_id": run_id,

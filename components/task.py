@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from components.losses import CompatibilityMethod
+from components.preprocess import to_input
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,21 @@ class Batch:
     credible: torch.Tensor | None = None  # [b] bool
 
 
-class CompatibleTask(nn.Module):
+class TrainingTask(nn.Module):
+    """What `train.fit` drives: `forward(batch) -> {"loss": ..., ...}` plus two hooks, no-ops unless a task needs
+    them."""
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        raise NotImplementedError
+
+    def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Dataset-level state, once before training (a resumed checkpoint then overrides it)."""
+
+    def on_epoch_start(self, epoch: int, epochs: int, images: torch.Tensor) -> None:
+        """Called before each epoch with the training images [N, H, W] uint8."""
+
+
+class CompatibleTask(TrainingTask):
     """New backbone + compatibility method (which owns the new classifier)."""
 
     def __init__(self, backbone: nn.Module, method: CompatibilityMethod) -> None:
@@ -38,8 +53,6 @@ class CompatibleTask(nn.Module):
 
     def on_epoch_start(self, epoch: int, epochs: int, images: torch.Tensor) -> None:
         def embed_train() -> torch.Tensor:
-            from components.train import to_input
-
             was_training = self.backbone.training
             self.backbone.eval()
             with torch.no_grad():
@@ -50,7 +63,7 @@ class CompatibleTask(nn.Module):
         self.method.on_epoch_start(epoch, epochs, embed_train)
 
 
-class ClassifierTask(nn.Module):
+class ClassifierTask(TrainingTask):
     """Backbone + plain classification head: how the legacy (old) model is trained."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from components.io import atomic_path
-from components.task import Batch
+from components.preprocess import to_input
+from components.task import Batch, TrainingTask
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,12 @@ def poly_lr(base: float, step: int, total: int) -> float:
     return base * (1.0 - step / total) ** 2
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [b, H, W] -> float [b, 1, H, W] in [-1, 1]."""
-    return (images.float() / 127.5 - 1.0).unsqueeze(1)
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def fit(
-    task: nn.Module,
+    task: TrainingTask,
     backbone: nn.Module,
     data: TrainArrays,
     cfg: LoopConfig,
@@ -86,8 +82,7 @@ def fit(
     optimizer = torch.optim.SGD(task.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if hasattr(task, "prepare"):  # dataset-level state of the method; a resumed checkpoint then overrides it
-        task.prepare(old, labels)
+    task.prepare(old, labels)  # dataset-level state of the method; a resumed checkpoint then overrides it
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         task.load_state_dict(state["task"])
@@ -97,8 +92,7 @@ def fit(
         log.info("resuming from %s: %d of %d epochs done", checkpoint, start_epoch, cfg.epochs)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 7)
     for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(task, "on_epoch_start"):
-            task.on_epoch_start(epoch, cfg.epochs, images)
+        task.on_epoch_start(epoch, cfg.epochs, images)
         task.train()
         flip_gen.manual_seed(cfg.seed * 7919 + epoch)
         order = _epoch_order(n, cfg.seed, epoch)

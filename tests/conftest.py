@@ -65,7 +65,7 @@ def prefect_harness():
 
 
 def registry_inputs_in(root: Path, compatible: bool) -> tuple[Any, dict[str, str]]:
-    """What `track_and_register` reads, in a fresh work folder `root`, without training anything.
+    """What `stages.register` reads, in a fresh work folder `root`, without training anything.
 
     The evaluation is real (faiss metrics and the criterion on synthetic embeddings: `compatible` ones are less
     noisy in the old space, the others a rotated space); the model is a real small_cnn with its ONNX export.

@@ -2,6 +2,7 @@
 
 The evaluation is real (faiss metrics and the criterion on synthetic embeddings, one compatible and one not);
 the model is a real ONNX export. Only training is skipped, to keep this test fast (`registry_inputs`, conftest).
+`stages.register` measures the ONNX parity, `gate.decide` decides, `registry.track_and_register` records.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.config import load_config
-from components.registry import track_and_register
+from components.stages import register
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def cfg(tmp_path: Path):
 
 def test_compatible_model_becomes_challenger(cfg, registry_inputs, tmp_path: Path) -> None:
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
-    result = track_and_register(cfg, paths, fingerprint)
+    result = register(cfg, paths, fingerprint)
     assert result["registered"] and result["version"] == 1
     client = MlflowClient()
     version = client.get_model_version_by_alias("kanji-embedder", "challenger")
@@ -47,13 +48,32 @@ def test_compatible_model_becomes_challenger(cfg, registry_inputs, tmp_path: Pat
 
 def test_incompatible_model_is_not_registered(cfg, registry_inputs, tmp_path: Path) -> None:
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=False)
-    result = track_and_register(cfg, paths, fingerprint)
+    result = register(cfg, paths, fingerprint)
     assert not result["registered"]
     client = MlflowClient()
     assert client.search_model_versions("name='kanji-embedder'") == []
     run = client.get_run(result["run_id"])
     assert run.data.tags["registration"] == "refused"
     assert "new/old" in run.data.tags["registration.reason"]
+    assert run.data.tags["gate.passed"] == "False" and run.data.tags["gate.onnx_ok"] == "True"
+
+
+def test_onnx_parity_above_tolerance_is_refused(cfg, registry_inputs, tmp_path: Path, monkeypatch) -> None:
+    """A compatible model whose ONNX export disagrees with torch: the run says why, nothing is registered, and the
+    caller gets an UpgradeError (non-zero exit from `mixbct stage register`)."""
+    import components.embed
+    from components.errors import UpgradeError
+
+    monkeypatch.setattr(components.embed, "onnx_parity", lambda *a, **k: 3e-3)
+    paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
+    with pytest.raises(UpgradeError, match=r"ONNX parity 3.00e-03 > 0.0001"):
+        register(cfg, paths, fingerprint)
+    client = MlflowClient()
+    assert client.search_model_versions("name='kanji-embedder'") == []
+    (run,) = client.search_runs([client.get_experiment_by_name("mixbct-upgrade").experiment_id])
+    assert run.data.tags["registration"] == "refused" and run.data.tags["gate.passed"] == "True"
+    assert "ONNX parity 3.00e-03 > 0.0001" in run.data.tags["registration.reason"]
+    assert run.data.metrics["onnx.max_abs_diff"] == pytest.approx(3e-3)
 
 
 def test_promote_and_rollback(cfg, registry_inputs, tmp_path: Path) -> None:
@@ -61,8 +81,8 @@ def test_promote_and_rollback(cfg, registry_inputs, tmp_path: Path) -> None:
     from components.registry import promote, rollback
 
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
-    track_and_register(cfg, paths, fingerprint)  # version 1
-    track_and_register(cfg, paths, fingerprint)  # version 2, now @challenger
+    register(cfg, paths, fingerprint)  # version 1
+    register(cfg, paths, fingerprint)  # version 2, now @challenger
     with pytest.raises(UpgradeError, match="no @champion"):
         rollback(cfg.registry)
     assert promote(cfg.registry, "1")["champion"] == 1
@@ -97,7 +117,7 @@ def test_registered_inputs_are_found_by_their_key(cfg, registry_inputs, tmp_path
 
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
     assert find_registered(cfg.registry, "k1") is None  # no registered model at all yet
-    track_and_register(cfg, paths, {**fingerprint, "upgrade_key": "k1"})
+    register(cfg, paths, {**fingerprint, "upgrade_key": "k1"})
     found = find_registered(cfg.registry, "k1")
     assert found is not None and found["version"] == 1
     assert find_registered(cfg.registry, "k2") is None

@@ -21,7 +21,8 @@ from project_copy import background, free_port, tool_env, wait_http
 
 from components.config import Config, load_config
 from components.errors import UpgradeError
-from components.registry import find_registered, promote, rollback, track_and_register
+from components.registry import find_registered, promote, rollback
+from components.stages import register
 
 MODEL = "kanji-embedder"
 
@@ -63,13 +64,13 @@ def test_register_promote_rollback_over_http(server, registry_inputs, tmp_path: 
     cfg = _cfg(tmp_path, url)
     client = MlflowClient(tracking_uri=url, registry_uri=url)
 
-    refused = track_and_register(cfg, *registry_inputs(tmp_path / "incompatible", compatible=False))
+    refused = register(cfg, *registry_inputs(tmp_path / "incompatible", compatible=False))
     assert not refused["registered"] and "new/old" in refused["reason"]
     assert client.search_model_versions(f"name='{MODEL}'") == []
     assert client.get_run(refused["run_id"]).data.tags["registration"] == "refused"
 
     paths, fingerprint = registry_inputs(tmp_path / "compatible", compatible=True)
-    first = track_and_register(cfg, paths, {**fingerprint, "upgrade_key": "k1"})
+    first = register(cfg, paths, {**fingerprint, "upgrade_key": "k1"})
     assert first["registered"] and first["version"] == 1 and first["alias"] == "challenger"
     run = client.get_run(first["run_id"])
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/mixbct/")  # written through the server
@@ -82,7 +83,7 @@ def test_register_promote_rollback_over_http(server, registry_inputs, tmp_path: 
     out = pyfunc.predict(np.zeros((3, 1, 32, 32), dtype=np.float32))
     assert np.asarray(next(iter(out.values())) if isinstance(out, dict) else out).shape == (3, 16)
 
-    second = track_and_register(cfg, paths, {**fingerprint, "upgrade_key": "k2"})
+    second = register(cfg, paths, {**fingerprint, "upgrade_key": "k2"})
     assert second["version"] == 2
     assert find_registered(cfg.registry, "k1")["version"] == 1  # tag search over REST
     assert find_registered(cfg.registry, "k3") is None
@@ -115,7 +116,7 @@ def test_unreachable_registry_fails_clearly_and_writes_nothing(server, registry_
     paths, fingerprint = registry_inputs(tmp_path / "compatible", compatible=True)
     start = time.monotonic()
     with pytest.raises(UpgradeError, match=f"registry.tracking_uri {dead}: cannot use the MLflow tracking store"):
-        track_and_register(_cfg(tmp_path, dead), paths, fingerprint)
+        register(_cfg(tmp_path, dead), paths, fingerprint)
     assert time.monotonic() - start < 60
     with pytest.raises(UpgradeError, match="cannot use the MLflow tracking store"):
         promote(_cfg(tmp_path, dead).registry)

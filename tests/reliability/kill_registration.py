@@ -9,7 +9,8 @@ readers: every version that is not complete must be refused by `promote`, invisi
 check, and the challenger alias may only be promoted when complete. A third child then runs `recover` (what the
 next registration does first) and checks that it deleted the incomplete version and marked the run FAILED, so
 every registration starts from the same state and makes the same calls. The parent never opens the store or runs
-torch, so the forked children start clean.
+torch, so the forked children start clean: it takes the gate's decision from the stored criterion with a stand-in
+ONNX parity of 0 (`stages.register` measures the real one; what is swept here is the registry's MLflow calls).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mlflow.tracking.client import MlflowClient
 import components.embed  # noqa: F401
 import components.stages  # noqa: F401
 
-from components import registry
+from components import gate, registry, stages
 from components.config import load_config
 from components.errors import UpgradeError
 from components.paths import Paths
@@ -42,6 +43,9 @@ cfg = load_config(None, {
     "registry.tracking_uri": uri, "registry.artifact_root": artifacts,
 })  # fmt: skip
 fingerprint = {"params": "p", "data": "d", "old_model": "a" * 64, "gallery": "b" * 64}
+criterion = json.loads((Paths(Path(work)).eval / "metrics.json").read_text())["criterion"]
+decision = gate.decide(criterion, 0.0, cfg.evaluate.onnx_tolerance)
+legacy = stages.legacy_info(Paths(Path(work)))
 log = out_json.with_suffix(".calls")
 
 _depth = [0]
@@ -75,7 +79,7 @@ for _name, _fn in list(vars(MlflowClient).items()):
 def _register(n: int) -> None:
     _kill_at[0] = n
     try:
-        out = registry.track_and_register(cfg, Paths(Path(work)), {**fingerprint, "upgrade_key": f"k{n}"})
+        out = registry.track_and_register(cfg, Paths(Path(work)), {**fingerprint, "upgrade_key": f"k{n}"}, decision, legacy)
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(2)
@@ -165,9 +169,9 @@ def main() -> None:
 
 def _dry_run() -> None:
     try:  # the first registration creates the experiment and the model; the second makes every later one's calls
-        registry.track_and_register(cfg, Paths(Path(work)), {**fingerprint, "upgrade_key": "dry-run-1"})
+        registry.track_and_register(cfg, Paths(Path(work)), {**fingerprint, "upgrade_key": "dry-run-1"}, decision, legacy)
         _calls.clear()
-        registry.track_and_register(cfg, Paths(Path(work)), {**fingerprint, "upgrade_key": "dry-run-2"})
+        registry.track_and_register(cfg, Paths(Path(work)), {**fingerprint, "upgrade_key": "dry-run-2"}, decision, legacy)
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(2)

@@ -72,12 +72,18 @@ def test_unknown_arch_lists_known_ones(section: str, value: str, command: list[s
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no work/, no mlflow.db
 
 
-@case("params", "`train.lr: .inf` or `train.alpha: .nan` in params.yaml",
+@case("params", "`train.lr: .inf` or `train.method_args: {alpha: .nan}` in params.yaml",
       "exit 1 naming the field ('finite number'), before training starts; no work folder created")  # fmt: skip
-@pytest.mark.parametrize(("field", "value"), [("lr", float("inf")), ("alpha", float("nan")), ("lr", float("-inf"))])
+@pytest.mark.parametrize(
+    ("field", "value"), [("lr", float("inf")), ("method_args.alpha", float("nan")), ("lr", float("-inf"))]
+)
 def test_non_finite_numbers_are_refused(field: str, value: float, tmp_path: Path, params_factory) -> None:
-    params = params_factory(train={field: value})
-    assert f"{field}: {'.nan' if value != value else ('.inf' if value > 0 else '-.inf')}" in params.read_text()
+    *outer, key = field.split(".")
+    section: dict = {key: value}
+    for name in reversed(outer):  # "method_args.alpha" -> {"method_args": {"alpha": value}}
+        section = {name: section}
+    params = params_factory(train=section)
+    assert f"{key}: {'.nan' if value != value else ('.inf' if value > 0 else '-.inf')}" in params.read_text()
     result = runner.invoke(app, ["stage", "prepare", "-p", str(params), "-w", str(tmp_path / "work")])
     _refused(result, f"train.{field}", "finite number")
     assert not (tmp_path / "work").exists()
@@ -244,13 +250,13 @@ def test_stage_on_a_held_work_folder(tmp_path: Path, params_factory) -> None:
 
 
 def _store_with_a_version(tmp_path: Path, params: Path, registry_inputs):
-    """A real store: version 1 registered completely by `track_and_register` (@challenger)."""
-    from components import registry
+    """A real store: version 1 registered completely by `stages.register` (@challenger)."""
+    from components import stages
     from components.config import load_config
 
     cfg = load_config(params)
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
-    out = registry.track_and_register(cfg, paths, fingerprint)
+    out = stages.register(cfg, paths, fingerprint)
     assert out["registered"] and out["version"] == 1, out
     return cfg, out
 

@@ -63,7 +63,7 @@ def test_bad_gallery_is_refused_before_the_dataset(tmp_path: Path, params_factor
     work = tmp_path / "work"
     result = runner.invoke(app, ["stage", "prepare", "-p", str(params), "-w", str(work)])
     _refused(result, "gallery.npz")
-    assert (work / "reports" / "legacy_gallery_validation.md").is_file()
+    assert (work / "reports" / "user_gallery_validation.md").is_file()
     _nothing_but_reports(work)
 
 
@@ -131,13 +131,13 @@ def test_no_marker_no_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
       "exit 0; nothing deleted or failed; lists the complete versions and aliases")
 def test_doctor_on_a_healthy_store(tmp_path: Path, registry_inputs) -> None:
     from components.config import load_config
-    from components.registry import track_and_register
+    from components.stages import register
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, {"train.embedding_dim": 16, "legacy.embedding_dim": 16, "registry.tracking_uri": tracking,
                              "registry.artifact_root": str(tmp_path / "mla")})  # fmt: skip
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
-    track_and_register(cfg, paths, fingerprint)
+    register(cfg, paths, fingerprint)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"registry": {"tracking_uri": tracking, "artifact_root": str(tmp_path / "mla")}}))
     result = runner.invoke(app, ["doctor", "-p", str(params)])
