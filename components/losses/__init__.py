@@ -2,17 +2,32 @@
 
 A method owns the new model's classifier (trained jointly, never exported) and turns a batch of new
 features, labels and (when it needs them) old features into a loss. Backbones never see it.
+
+Each method declares its own arguments as a frozen `MethodArgs` model in its file (defaults from method.md) and
+registers one factory with it: `@register_method("mixbct", args=MixBCTArgs)`. The factory receives what every
+method shares (embedding_dim, num_classes, ArcFace s and m, seed) plus its typed arguments; params.yaml's
+`train.method_args` is validated against that model when the config is loaded, so a typo fails naming the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-_METHODS: dict[str, Callable[..., CompatibilityMethod]] = {}
+
+class MethodArgs(BaseModel):
+    """Base of every method's own arguments: frozen; unknown keys and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+
+class NoArgs(MethodArgs):
+    """A method without arguments of its own."""
 
 
 class CompatibilityMethod(nn.Module):
@@ -40,9 +55,31 @@ class CompatibilityMethod(nn.Module):
         whole training set in dataset order (eval mode, no grad): what prototype refinement needs."""
 
 
-def register_method(name: str) -> Callable[[Callable[..., CompatibilityMethod]], Callable[..., CompatibilityMethod]]:
-    def wrap(factory: Callable[..., CompatibilityMethod]) -> Callable[..., CompatibilityMethod]:
-        _METHODS[name] = factory
+class MethodFactory(Protocol):
+    """What a registered factory is called with: the shared things, by keyword, and the method's typed args."""
+
+    def __call__(
+        self, *, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: Any
+    ) -> CompatibilityMethod: ...
+
+
+@dataclass(frozen=True)
+class _Registered:
+    factory: MethodFactory
+    args: type[MethodArgs]
+
+
+_METHODS: dict[str, _Registered] = {}
+F = TypeVar("F", bound=MethodFactory)
+
+
+def register_method(name: str, args: type[MethodArgs]) -> Callable[[F], F]:
+    """Register `factory` under `name`, with `args` the model of its own arguments."""
+
+    def wrap(factory: F) -> F:
+        if name in _METHODS and _METHODS[name].factory is not factory:
+            raise ValueError(f"method {name!r} is already registered")
+        _METHODS[name] = _Registered(factory, args)
         return factory
 
     return wrap
@@ -58,8 +95,31 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def build_method(name: str, **kwargs: Any) -> CompatibilityMethod:
+def _registered(name: str) -> _Registered:
     _load_all()
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](**kwargs)
+    return _METHODS[name]
+
+
+def method_args_model(name: str) -> type[MethodArgs]:
+    """The model of method `name`'s own arguments (what `train.method_args` is validated against)."""
+    return _registered(name).args
+
+
+def build_method(
+    name: str,
+    *,
+    embedding_dim: int,
+    num_classes: int,
+    s: float = 64.0,
+    m: float = 0.5,
+    seed: int = 0,
+    args: Mapping[str, Any] | MethodArgs | None = None,
+) -> CompatibilityMethod:
+    """Method `name` with its own `args` (a mapping validated by its model, or the model itself; None: defaults)."""
+    registered = _registered(name)
+    if isinstance(args, MethodArgs) and not isinstance(args, registered.args):
+        raise TypeError(f"method {name!r} takes {registered.args.__name__}, got {type(args).__name__}")
+    typed = args if isinstance(args, registered.args) else registered.args.model_validate(dict(args or {}))
+    return registered.factory(embedding_dim=embedding_dim, num_classes=num_classes, s=s, m=m, seed=seed, args=typed)

@@ -34,11 +34,19 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from components.losses import CompatibilityMethod, register_method
+from components.losses import CompatibilityMethod, MethodArgs, register_method
 from components.losses.arcface import ArcFaceHead
 from components.losses.prototypes import class_centres, iqr_max, per_class
+
+
+class AdvBCTArgs(MethodArgs):
+    p2s_weight: float = Field(4.0, ge=0)  # method.md: L_p2s = 4 · …
+    adv_weight: float = Field(4.0, ge=0)  # authors' code: 4 · (E − e + 1)/E · adversarial NLL
+    boundary_target: float = Field(0.4, ge=0, le=2)  # method.md: elastic boundary around 0.4 (unit-sphere distance)
+    hidden: int = Field(100, ge=1)  # discriminator width, authors' code (d → 100 → 2)
 
 
 class GradReverse(torch.autograd.Function):
@@ -70,16 +78,13 @@ class AdvBCT(CompatibilityMethod):
         num_classes: int,
         s: float = 64.0,
         m: float = 0.5,
-        p2s_weight: float = 4.0,
-        adv_weight: float = 4.0,
-        boundary_target: float = 0.4,
-        hidden: int = 100,
-        **_: object,
+        args: AdvBCTArgs = AdvBCTArgs(),
     ) -> None:
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
-        self.p2s_weight, self.adv_weight, self.boundary_target = p2s_weight, adv_weight, boundary_target
+        self.p2s_weight, self.adv_weight, self.boundary_target = args.p2s_weight, args.adv_weight, args.boundary_target
         self.boundary = nn.Parameter(torch.zeros(num_classes))  # β [C]: r′ = r + σ(β)(0.4 − r)
+        hidden = args.hidden
         self.discriminator = nn.Sequential(
             nn.Linear(embedding_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 2)
         )
@@ -134,6 +139,6 @@ class AdvBCT(CompatibilityMethod):
         return {"loss": loss, "cls": cls.detach(), "p2s": p2s.detach(), "adv": adv.detach()}
 
 
-@register_method("advbct")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return AdvBCT(**kwargs)  # type: ignore[arg-type]
+@register_method("advbct", args=AdvBCTArgs)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: AdvBCTArgs) -> AdvBCT:
+    return AdvBCT(embedding_dim, num_classes, s=s, m=m, args=args)

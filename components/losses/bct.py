@@ -7,8 +7,9 @@ P [C, d] is frozen: the L2-normalised class means of the OLD features of the *ne
 `prepare()`, a buffer, so it travels in the checkpoint). The old classifier is never used, so classes the old
 model never saw get a prototype too. Rows are L2-normalised before averaging (`prototypes.class_centres`).
 
-The authors' code feeds raw cosine logits (scale = 1.0, the default) to the cross-entropy; `scale` is the
-documented option of a temperature (e.g. s = 64 like ArcFace, which makes the term much sharper).
+The logits are scaled by the ArcFace scale s (64) by default, as method.md asks: every added term acts at the
+scale of L_cls. The MixBCT authors' code feeds raw cosine logits (`train.method_args: {scale: 1.0}`), which at
+thousands of classes stays near ln C and barely acts: a labelled variant, not the default.
 
 Shapes: new [b, d] (grad), labels [b]; prepare(): old [N, d], labels [N].
 """
@@ -17,21 +18,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from components.losses import CompatibilityMethod, register_method
+from components.losses import CompatibilityMethod, MethodArgs, register_method
 from components.losses.arcface import ArcFaceHead
 from components.losses.prototypes import class_centres
+
+
+class BCTArgs(MethodArgs):
+    # method.md: CE(s · ⟨norm(new_i), P_k⟩, y_i) with s = the L_cls scale (64); None: the ArcFace s
+    scale: float | None = Field(None, gt=0)
 
 
 class BCT(CompatibilityMethod):
     needs_old_features = True
 
     def __init__(
-        self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, scale: float = 1.0, **_: object
+        self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, args: BCTArgs = BCTArgs()
     ) -> None:
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
-        self.num_classes, self.scale = num_classes, scale
+        self.num_classes = num_classes
+        self.scale = s if args.scale is None else args.scale
         self.register_buffer("prototypes", torch.zeros(num_classes, embedding_dim))  # [C, d] frozen, unit rows
         self.register_buffer("prepared", torch.tensor(False))
 
@@ -54,6 +62,6 @@ class BCT(CompatibilityMethod):
         return {"loss": cls + influence, "cls": cls.detach(), "influence": influence.detach()}
 
 
-@register_method("bct")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return BCT(**kwargs)  # type: ignore[arg-type]
+@register_method("bct", args=BCTArgs)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: BCTArgs) -> BCT:
+    return BCT(embedding_dim, num_classes, s=s, m=m, args=args)

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from components.losses import CompatibilityMethod, register_method
+from components.losses import CompatibilityMethod, MethodArgs, register_method
 from components.losses.arcface import ArcFaceHead
+
+
+class L2Args(MethodArgs):
+    weight: float = Field(10.0, ge=0)  # method.md: L_cls + 10 · mean ‖norm(old_i) − norm(new_i)‖₂
 
 
 def feature_distance(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -27,20 +32,14 @@ class L2(CompatibilityMethod):
 
     needs_old_features = True
     term = "l2"
+    margin = 0.0  # no dead zone (weakened L2 sets its own)
 
     def __init__(
-        self,
-        embedding_dim: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.5,
-        weight: float = 10.0,
-        margin: float = 0.0,
-        **_: object,
+        self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, args: L2Args = L2Args()
     ) -> None:
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
-        self.weight, self.margin = weight, margin
+        self.weight = args.weight
 
     def forward(self, new, labels, old=None, credible=None) -> dict[str, torch.Tensor]:  # type: ignore[override]
         if old is None:
@@ -50,6 +49,6 @@ class L2(CompatibilityMethod):
         return {"loss": cls + self.weight * term, "cls": cls.detach(), self.term: term.detach()}
 
 
-@register_method("l2")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return L2(**kwargs)  # type: ignore[arg-type]
+@register_method("l2", args=L2Args)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: L2Args) -> L2:
+    return L2(embedding_dim, num_classes, s=s, m=m, args=args)

@@ -15,9 +15,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from components.losses import CompatibilityMethod, register_method
+from components.losses import CompatibilityMethod, MethodArgs, register_method
 from components.losses.arcface import ArcFaceHead
+
+
+class MixBCTArgs(MethodArgs):
+    """MixBCT's own argument. The credible keep ratio T belongs to extraction (`extract.credible_keep`)."""
+
+    alpha: float = Field(0.3, ge=0, le=1)  # share of each batch replaced by old features (method.md: α = 0.3)
 
 
 def choose_rows(credible: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -49,13 +56,12 @@ class MixBCT(CompatibilityMethod):
         num_classes: int,
         s: float = 64.0,
         m: float = 0.5,
-        alpha: float = 0.3,
         seed: int = 0,
-        **_: object,
+        args: MixBCTArgs = MixBCTArgs(),
     ) -> None:
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
-        self.alpha = alpha
+        self.alpha = args.alpha
         # The authors' code leaves the subset unseeded; a seeded generator makes runs (and resumes) exact.
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -77,6 +83,6 @@ class MixBCT(CompatibilityMethod):
         self.generator.set_state(state["generator"])
 
 
-@register_method("mixbct")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return MixBCT(**kwargs)  # type: ignore[arg-type]
+@register_method("mixbct", args=MixBCTArgs)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: MixBCTArgs) -> MixBCT:
+    return MixBCT(embedding_dim, num_classes, s=s, m=m, seed=seed, args=args)

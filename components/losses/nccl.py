@@ -5,7 +5,7 @@ AAAI 2022, arXiv:2108.03372), as method.md ("Baselines") and the MixBCT authors'
     L = L_cls(new) + 1 · L_con(features) + 0.01 · L_con(logits)
 
 A queue of K = 8192 L2-normalised OLD features with their labels. For new feature i and queue entry k:
-    s_ik = ⟨norm new_i, q_k⟩ / T                 T = 1
+    s_ik = ⟨norm new_i, q_k⟩ / T                 T = 0.05 (method.md; T = 1 on cosines is near uniform)
     w_ik = 0.5 (1 + ⟨norm old_i, q_k⟩)           neighbourhood consensus of the old model
     L_con = −mean_i  Σ_k [y_k = y_i] · w_ik · log softmax_k(s_ik)  /  Σ_k [y_k = y_i]
 (the positives' weighted log-probabilities divided by their *count*, as in the authors' code).
@@ -18,7 +18,7 @@ Interpretation choices (documented, not in method.md):
   denominator); a row with no positive (possible only when b > K) is left out of the mean.
 - "The same on logits": the same loss on the class-logit vectors of the new model's classifier W,
   z(f) = norm(f) · norm(W)ᵀ ∈ [−1, 1]^C (cosine logits: no ArcFace scale or margin), compared by cosine
-  similarity (each z L2-normalised, T = 1), with the same positives and weights. Queue entries' logits use
+  similarity (each z L2-normalised, the same T), with the same positives and weights. Queue entries' logits use
   the *current* W, detached (the authors store stale, scaled logits: a [K, C] queue, 154 MB at C = 4.7k).
   Computed through d × d products, never materialising [K, C]:
   ⟨z_i, z̃_k⟩ = (z_i Ŵ_det) · q_k and ‖z̃_k‖² = q_kᵀ (Ŵ_detᵀ Ŵ_det) q_k.
@@ -33,9 +33,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from components.losses import CompatibilityMethod, register_method
+from components.losses import CompatibilityMethod, MethodArgs, register_method
 from components.losses.arcface import ArcFaceHead
+
+
+class NCCLArgs(MethodArgs):
+    queue_size: int = Field(8192, ge=1)  # method.md: a queue of 8192 old features
+    temperature: float = Field(0.05, gt=0)  # method.md: τ = 0.05
+    feature_weight: float = Field(1.0, ge=0)  # method.md: L_cls + 1 · L_con(features)
+    logit_weight: float = Field(0.01, ge=0)  # method.md: + 0.01 · the same on logit vectors
 
 
 def weighted_supcon(
@@ -60,17 +68,14 @@ class NCCL(CompatibilityMethod):
         num_classes: int,
         s: float = 64.0,
         m: float = 0.5,
-        queue_size: int = 8192,
-        temperature: float = 1.0,
-        feature_weight: float = 1.0,
-        logit_weight: float = 0.01,
-        **_: object,
+        args: NCCLArgs = NCCLArgs(),
     ) -> None:
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
-        self.temperature, self.feature_weight, self.logit_weight = temperature, feature_weight, logit_weight
-        self.register_buffer("queue_features", torch.zeros(queue_size, embedding_dim))  # [K, d] unit rows
-        self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))  # [K]
+        self.temperature = args.temperature
+        self.feature_weight, self.logit_weight = args.feature_weight, args.logit_weight
+        self.register_buffer("queue_features", torch.zeros(args.queue_size, embedding_dim))  # [K, d] unit rows
+        self.register_buffer("queue_labels", torch.full((args.queue_size,), -1, dtype=torch.long))  # [K]
         self.register_buffer("queue_ptr", torch.tensor(0))  # next slot to write
         self.register_buffer("queue_filled", torch.tensor(0))  # valid entries (≤ K)
 
@@ -116,6 +121,6 @@ class NCCL(CompatibilityMethod):
         }
 
 
-@register_method("nccl")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return NCCL(**kwargs)  # type: ignore[arg-type]
+@register_method("nccl", args=NCCLArgs)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: NCCLArgs) -> NCCL:
+    return NCCL(embedding_dim, num_classes, s=s, m=m, args=args)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from components.losses import CompatibilityMethod, register_method
+from components.losses import CompatibilityMethod, NoArgs, register_method
 from components.losses.arcface import ArcFaceHead
 
 
 class Paragon(CompatibilityMethod):
     needs_old_features = False
 
-    def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, **_: object) -> None:
+    def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
 
@@ -23,6 +23,6 @@ class Paragon(CompatibilityMethod):
         return {"loss": loss, "cls": loss.detach()}
 
 
-@register_method("none")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return Paragon(**kwargs)  # type: ignore[arg-type]
+@register_method("none", args=NoArgs)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: NoArgs) -> Paragon:
+    return Paragon(embedding_dim, num_classes, s=s, m=m)

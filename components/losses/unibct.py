@@ -3,7 +3,7 @@ arXiv:2203.01583): the BCT influence head on *refined* old prototypes, as method
 MixBCT authors' re-implementation (`refine_prototype.py`) define it.
 
     L = L_cls(new)                                   for epochs < switch-on = ⌈start_fraction · epochs⌉
-    L = L_cls(new) + CE(norm(new_i) · Pᵀ · scale, y_i)  from then on
+    L = L_cls(new) + CE(norm(new_i) · Pᵀ · scale, y_i)  from then on (scale: BCT's, the ArcFace s by default)
 
 Structural prototype refinement, per class c with n_c samples (a graph over the class's own samples only:
 an N × N system over the whole training set would not fit):
@@ -28,14 +28,24 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeInt
 
-from components.losses import CompatibilityMethod, register_method
-from components.losses.bct import BCT
+from components.losses import register_method
+from components.losses.bct import BCT, BCTArgs
 from components.losses.prototypes import per_class
+
+
+class UniBCTArgs(BCTArgs):
+    """BCT's scale plus the schedule and the refinement (method.md, "Baselines", UniBCT)."""
+
+    start_fraction: float = Field(0.3, ge=0, le=1)  # method.md: head off for the first ~30% of epochs
+    refresh_epochs: tuple[NonNegativeInt, ...] = ()  # epochs (0-based) refined again after switch-on
+    lam: float = Field(0.9, gt=0, lt=1)  # method.md: λ = 0.9 ((I − λA) must stay invertible)
+    tau: float = Field(0.05, gt=0)  # method.md: τ = 0.05
 
 
 def refine_prototypes(
@@ -73,21 +83,11 @@ def refine_prototypes(
 
 class UniBCT(BCT):
     def __init__(
-        self,
-        embedding_dim: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.5,
-        scale: float = 1.0,
-        start_fraction: float = 0.3,
-        refresh_epochs: Sequence[int] = (),
-        lam: float = 0.9,
-        tau: float = 0.05,
-        **kwargs: object,
+        self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, args: UniBCTArgs = UniBCTArgs()
     ) -> None:
-        super().__init__(embedding_dim, num_classes, s=s, m=m, scale=scale, **kwargs)
-        self.start_fraction, self.refresh_epochs = start_fraction, {int(e) for e in refresh_epochs}
-        self.lam, self.tau = lam, tau
+        super().__init__(embedding_dim, num_classes, s=s, m=m, args=args)
+        self.start_fraction, self.refresh_epochs = args.start_fraction, set(args.refresh_epochs)
+        self.lam, self.tau = args.lam, args.tau
         self.active = False  # set before every epoch by on_epoch_start, so it needs no checkpoint
         self.register_buffer("refined_epoch", torch.tensor(-1))  # last refinement (-1: plain BCT means)
         self._old: torch.Tensor | None = None  # [N, d] kept from prepare() (called again on resume)
@@ -119,6 +119,6 @@ class UniBCT(BCT):
         return {"loss": cls + influence, "cls": cls.detach(), "influence": influence.detach()}
 
 
-@register_method("unibct")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return UniBCT(**kwargs)  # type: ignore[arg-type]
+@register_method("unibct", args=UniBCTArgs)
+def build(*, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: UniBCTArgs) -> UniBCT:
+    return UniBCT(embedding_dim, num_classes, s=s, m=m, args=args)

@@ -12,8 +12,16 @@ Shapes: new [b, d] (grad), old [b, d] frozen old features of the same images, la
 
 from __future__ import annotations
 
-from components.losses import CompatibilityMethod, register_method
-from components.losses.l2 import L2
+from pydantic import Field
+
+from components.losses import register_method
+from components.losses.l2 import L2, L2Args
+
+
+class WeakenedL2Args(L2Args):
+    """L2's weight (10) plus the hinge."""
+
+    margin: float = Field(0.2, ge=0)  # method.md: 10 · mean max(0, ‖norm(old_i) − norm(new_i)‖₂ − 0.2)
 
 
 class WeakenedL2(L2):
@@ -25,13 +33,14 @@ class WeakenedL2(L2):
         num_classes: int,
         s: float = 64.0,
         m: float = 0.5,
-        weight: float = 10.0,
-        margin: float = 0.2,
-        **kwargs: object,
+        args: WeakenedL2Args = WeakenedL2Args(),
     ) -> None:
-        super().__init__(embedding_dim, num_classes, s=s, m=m, weight=weight, margin=margin, **kwargs)
+        super().__init__(embedding_dim, num_classes, s=s, m=m, args=args)
+        self.margin = args.margin
 
 
-@register_method("weakened_l2")
-def build(**kwargs: object) -> CompatibilityMethod:
-    return WeakenedL2(**kwargs)  # type: ignore[arg-type]
+@register_method("weakened_l2", args=WeakenedL2Args)
+def build(
+    *, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: WeakenedL2Args
+) -> WeakenedL2:
+    return WeakenedL2(embedding_dim, num_classes, s=s, m=m, args=args)

@@ -103,7 +103,7 @@ def head_weight(method: torch.nn.Module) -> np.ndarray:
 def test_registry_knows_every_baseline_and_builds_them_with_the_stage_kwargs() -> None:
     assert set(BASELINES) <= set(available_methods())
     for name in BASELINES:
-        method = build_method(name, embedding_dim=D, num_classes=C, s=64.0, m=0.5, alpha=0.3, seed=0)
+        method = build_method(name, embedding_dim=D, num_classes=C, s=64.0, m=0.5, seed=0, args={})
         assert method.needs_old_features, name
 
 
@@ -136,11 +136,12 @@ def test_l2_and_weakened_l2_match_hand_reference(name: str, margin: float) -> No
 # ------------------------------------------------------------------------------------------ BCT
 
 
-@pytest.mark.parametrize("scale", [1.0, 16.0])
-def test_bct_influence_loss_matches_hand_reference(scale: float) -> None:
+@pytest.mark.parametrize(("args", "scale"), [({}, 64.0), ({"scale": 1.0}, 1.0), ({"scale": 16.0}, 16.0)])
+def test_bct_influence_loss_matches_hand_reference(args: dict, scale: float) -> None:
+    """Default: the logits at the ArcFace scale s = 64 (method.md); scale 1 is the MixBCT authors' variant."""
     old_all, labels_all = train_set()
     new, old, labels = batch()
-    method = build_method("bct", embedding_dim=D, num_classes=C, scale=scale)
+    method = build_method("bct", embedding_dim=D, num_classes=C, args=args)
     method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
     protos = ref_centres(old_all.astype(np.float64), labels_all, C)
     n = new.numpy().astype(np.float64)
@@ -193,7 +194,7 @@ def test_unibct_head_is_off_before_switch_on_and_refined_on_after() -> None:
         calls.append(1)
         return new_all
 
-    method = build_method("unibct", embedding_dim=D, num_classes=n_classes, refresh_epochs=[6])
+    method = build_method("unibct", embedding_dim=D, num_classes=n_classes, args={"refresh_epochs": [6]})
     method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
     new, old, _ = batch()
     labels = torch.tensor([0, 1, 2, 3, 0, 2])
@@ -212,9 +213,9 @@ def test_unibct_head_is_off_before_switch_on_and_refined_on_after() -> None:
     expected_protos = ref_refine(new_all.numpy().astype(np.float64), old_all.astype(np.float64), labels_all, n_classes)
     assert np.allclose(method.prototypes.numpy(), expected_protos, atol=1e-5)
     assert torch.allclose(method.prototypes.norm(dim=1), torch.ones(n_classes), atol=1e-6)
-    influence = np.mean(
+    influence = np.mean(  # at the ArcFace scale s = 64, UniBCT's default (method.md)
         [
-            cross_entropy([float(np.dot(unit(n[i]), expected_protos[c])) for c in range(n_classes)], int(labels[i]))
+            cross_entropy([64.0 * float(np.dot(unit(n[i]), p)) for p in expected_protos], int(labels[i]))
             for i in range(B)
         ]
     )
@@ -255,8 +256,10 @@ def ref_supcon(
     return -float(np.mean(per_row))
 
 
-def ref_nccl_step(queue: list[tuple[np.ndarray, int]], new, old, labels, w, size: int) -> tuple[float, float]:
-    """Enqueue the batch (FIFO, last `size` kept), then both contrastive terms."""
+def ref_nccl_step(
+    queue: list[tuple[np.ndarray, int]], new, old, labels, w, size: int, temperature: float
+) -> tuple[float, float]:
+    """Enqueue the batch (FIFO, last `size` kept), then both contrastive terms at `temperature`."""
     for o, y in zip(old, labels, strict=True):
         queue.append((unit(o), int(y)))
     del queue[: max(0, len(queue) - size)]
@@ -266,26 +269,26 @@ def ref_nccl_step(queue: list[tuple[np.ndarray, int]], new, old, labels, w, size
     for i in range(len(new)):
         ni, oi = unit(new[i]), unit(old[i])
         zi = np.array([float(np.dot(ni, wc)) for wc in wn])
-        sims.append([float(np.dot(ni, q)) for q in qf])
+        sims.append([float(np.dot(ni, q)) / temperature for q in qf])
         weights.append([0.5 * (1.0 + float(np.dot(oi, q))) for q in qf])
         row = []
         for q in qf:
             zq = np.array([float(np.dot(q, wc)) for wc in wn])
-            row.append(float(np.dot(zi, zq)) / (np.linalg.norm(zi) * np.linalg.norm(zq)))
+            row.append(float(np.dot(zi, zq)) / (np.linalg.norm(zi) * np.linalg.norm(zq)) / temperature)
         cos.append(row)
     ys = [int(y) for y in labels]
     return ref_supcon(sims, ys, ql, weights), ref_supcon(cos, ys, ql, weights)
 
 
 def test_nccl_matches_hand_reference_over_two_steps_with_wraparound() -> None:
-    method = build_method("nccl", embedding_dim=D, num_classes=C, queue_size=8)
+    method = build_method("nccl", embedding_dim=D, num_classes=C, args={"queue_size": 8})  # τ = 0.05 by default
     queue: list[tuple[np.ndarray, int]] = []
     for step in range(2):
         new, old, labels = batch(seed=10 + step)
         out = method(new, labels, old)
         feat, logit = ref_nccl_step(
             queue, new.numpy().astype(np.float64), old.numpy().astype(np.float64), labels.numpy(),
-            head_weight(method), size=8,
+            head_weight(method), size=8, temperature=0.05,
         )  # fmt: skip
         arcface = reference_arcface(new.numpy().astype(np.float64), head_weight(method), labels.numpy(), 64.0, 0.5)
         assert close(out["contrast"].item(), feat) and close(out["contrast_logits"].item(), logit)
@@ -391,10 +394,10 @@ def test_lce_matches_hand_reference() -> None:
 # ------------------------------------------------------------------------------------------ all methods
 
 
-def ready(name: str, **kwargs: object) -> torch.nn.Module:
+def ready(name: str) -> torch.nn.Module:
     """A method after prepare() and, for UniBCT, at its switch-on epoch (head on)."""
     old_all, labels_all = train_set()
-    method = build_method(name, embedding_dim=D, num_classes=C, **kwargs)
+    method = build_method(name, embedding_dim=D, num_classes=C)
     method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
     new_all = torch.tensor(np.random.default_rng(7).normal(size=(len(labels_all), D)), dtype=torch.float32)
     method.on_epoch_start(3, 10, lambda: new_all)
@@ -455,7 +458,7 @@ def _loop_task(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, D))
-    return CompatibleTask(backbone, build_method(name, embedding_dim=D, num_classes=C, alpha=0.3, seed=0)), backbone
+    return CompatibleTask(backbone, build_method(name, embedding_dim=D, num_classes=C, seed=0)), backbone
 
 
 @pytest.mark.parametrize("name", BASELINES)

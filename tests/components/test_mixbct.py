@@ -11,7 +11,7 @@ from arcface_reference import reference_arcface
 
 from components.losses import available_methods, build_method
 from components.losses.arcface import ArcFaceHead
-from components.losses.mixbct import MixBCT, choose_rows
+from components.losses.mixbct import MixBCT, MixBCTArgs, choose_rows
 
 
 def test_registry_knows_mixbct_and_paragon() -> None:
@@ -46,7 +46,7 @@ def test_mixbct_loss_matches_hand_reference() -> None:
     old = torch.randn(b, d) * 3.0  # unnormalised on purpose: MixBCT L2-normalises the old rows
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     credible = torch.tensor([True, True, False, True, True, True, False, True])
-    method = MixBCT(embedding_dim=d, num_classes=c, s=64.0, m=0.5, alpha=0.3, seed=123)
+    method = MixBCT(embedding_dim=d, num_classes=c, s=64.0, m=0.5, seed=123, args=MixBCTArgs(alpha=0.3))
     loss = method(new, labels, old, credible)["loss"]
 
     rows = choose_rows(credible, 0.3, torch.Generator().manual_seed(123)).numpy()  # the same draw, replayed
@@ -66,7 +66,7 @@ def test_replaced_rows_send_no_gradient_to_backbone_but_w_learns_from_them() -> 
     labels = torch.randint(0, c, (b,))
     old = torch.randn(b, d)
     credible = torch.ones(b, dtype=torch.bool)
-    method = MixBCT(embedding_dim=d, num_classes=c, alpha=0.3, seed=7)
+    method = MixBCT(embedding_dim=d, num_classes=c, seed=7, args=MixBCTArgs(alpha=0.3))
     new = backbone(x)
     new.retain_grad()
     method(new, labels, old, credible)["loss"].backward()
@@ -85,12 +85,12 @@ def test_replaced_rows_send_no_gradient_to_backbone_but_w_learns_from_them() -> 
 
 
 def test_generator_state_resumes_the_same_draws() -> None:
-    method = MixBCT(embedding_dim=2, num_classes=2, alpha=0.5, seed=3)
+    method = MixBCT(embedding_dim=2, num_classes=2, seed=3, args=MixBCTArgs(alpha=0.5))
     credible = torch.ones(16, dtype=torch.bool)
     choose_rows(credible, 0.5, method.generator)  # advance
     state = method.state_dict()
     first = choose_rows(credible, 0.5, method.generator)
-    resumed = MixBCT(embedding_dim=2, num_classes=2, alpha=0.5, seed=999)
+    resumed = MixBCT(embedding_dim=2, num_classes=2, seed=999, args=MixBCTArgs(alpha=0.5))
     resumed.load_state_dict(state)
     assert torch.equal(first, choose_rows(credible, 0.5, resumed.generator))
 

@@ -27,7 +27,9 @@ def _arrays(n: int = 96, classes: int = 4, d: int = 8) -> TrainArrays:
 def _task(method: str = "mixbct", d: int = 8) -> tuple[CompatibleTask, torch.nn.Module]:
     torch.manual_seed(0)
     backbone = build_backbone("small_cnn", d, 16)
-    return CompatibleTask(backbone, build_method(method, embedding_dim=d, num_classes=4, alpha=0.3, seed=0)), backbone
+    method_args = {"alpha": 0.3} if method == "mixbct" else {}
+    task = CompatibleTask(backbone, build_method(method, embedding_dim=d, num_classes=4, seed=0, args=method_args))
+    return task, backbone
 
 
 def test_poly_schedule_is_quadratic() -> None:
@@ -45,7 +47,7 @@ def test_loss_decreases_and_every_parameter_gets_gradient(tmp_path: Path) -> Non
     task.zero_grad()
     data = _arrays()
     from components.task import Batch
-    from components.train import to_input
+    from components.preprocess import to_input
 
     out = task(Batch(to_input(torch.from_numpy(data.images[:16])), torch.from_numpy(data.labels[:16]),
                      torch.from_numpy(data.old[:16]), torch.ones(16, dtype=torch.bool)))  # fmt: skip

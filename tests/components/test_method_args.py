@@ -1,0 +1,197 @@
+"""Each method owns its arguments: a typed model in its own file, validated when params.yaml is loaded.
+
+A typo or a wrong type in `train.method_args` fails naming the field; the defaults are method.md's; and a new
+method is one file (its args model and its class) plus one `register_method` line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pydantic import Field, ValidationError
+
+from components import losses
+from components.config import load_config
+from components.errors import ConfigError
+from components.losses import (
+    CompatibilityMethod,
+    MethodArgs,
+    available_methods,
+    build_method,
+    method_args_model,
+    register_method,
+)
+from components.losses.arcface import ArcFaceHead
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every method's defaults, each from method.md ("MixBCT, exactly" / "Baselines") unless marked otherwise.
+DEFAULTS = {
+    "none": {},  # "Paragon: L_cls alone"
+    "mixbct": {"alpha": 0.3},  # "choose floor(α·b) at random (α = 0.3; 38 of 128)"
+    "l2": {"weight": 10.0},  # "L2: L_cls + 10 · mean ‖norm(old_i) − norm(new_i)‖₂"
+    "weakened_l2": {"weight": 10.0, "margin": 0.2},  # "L_cls + 10 · mean max(0, ‖…‖₂ − 0.2)"
+    "bct": {"scale": None},  # "CE(s · ⟨norm(new_i), P_k⟩, y_i) with s = the L_cls scale (64)"; None = the ArcFace s
+    # "the BCT head at the same scale, off for the first ~30% of epochs … λ = 0.9, τ = 0.05"
+    "unibct": {"scale": None, "start_fraction": 0.3, "refresh_epochs": (), "lam": 0.9, "tau": 0.05},
+    # "supervised contrastive loss … queue (8192) … temperature τ = 0.05 … + 0.01 · the same on … logit vectors"
+    "nccl": {"queue_size": 8192, "temperature": 0.05, "feature_weight": 1.0, "logit_weight": 0.01},
+    # "L_p2s = 4 · …", "elastic boundary around 0.4"; adv_weight 4 and hidden 100: the authors' code (advbct.py)
+    "advbct": {"p2s_weight": 4.0, "adv_weight": 4.0, "boundary_target": 0.4, "hidden": 100},
+    # Not method.md's numbers: those (1 and 100 · MSE at s = 16) go with its cosine/MSE form, lce.py's angular
+    # boundary and 1 − cos alignment keep weight 1 each (lce.py's module docstring).
+    "lce": {"boundary_weight": 1.0, "align_weight": 1.0},
+}
+
+
+def _refused(overrides: dict, *expected: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", overrides)
+    for line in expected:
+        assert line in str(err.value), str(err.value)
+    return str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ (a) validated at load
+
+
+def test_a_mistyped_or_unknown_argument_fails_naming_the_field() -> None:
+    _refused({"train.method_args.alpha": "lots"}, "train.method_args.alpha: Input should be a valid number")
+    _refused({"train.method_args.alfa": 0.1}, "train.method_args.alfa: unknown key (typo?)")
+    _refused({"train.method_args.alpha": 1.5}, "train.method_args.alpha: Input should be less than or equal to 1")
+    _refused({"train.method_args.alpha": float("nan")}, "train.method_args.alpha: Input should be a finite number")
+    # validated against the *chosen* method: MixBCT's alpha means nothing to BCT or to the paragon
+    _refused({"train.method": "bct", "train.method_args.alpha": 0.3}, "train.method_args.alpha: unknown key (typo?)")
+    _refused({"train.method": "none", "train.method_args.alpha": 0.3}, "train.method_args.alpha: unknown key (typo?)")
+    _refused({"train.method": "unibct", "train.method_args.refresh_epochs": [3, -1]},
+             "train.method_args.refresh_epochs.1: Input should be greater than or equal to 0")  # fmt: skip
+    # the old place of alpha says where it went, instead of a bare "unknown key"
+    _refused({"train.alpha": 0.3}, "train.alpha moved to train.method_args.alpha")
+
+
+def test_method_args_in_a_params_file(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert raw["train"]["method_args"] == {}  # the shipped file: every method at its defaults
+    raw["train"].update(method="nccl", method_args={"temperature": 0.1, "queue_size": 64})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    cfg = load_config(params)
+    # resolved with nccl.py's defaults: `{}` and the same values spelled out are one model, one key
+    assert cfg.train.method_args == {"queue_size": 64, "temperature": 0.1, "feature_weight": 1.0, "logit_weight": 0.01}
+    method = build_method(cfg.train.method, embedding_dim=4, num_classes=3, args=cfg.train.method_args)
+    assert method.temperature == 0.1 and method.queue_labels.numel() == 64 and method.logit_weight == 0.01
+
+    raw["train"]["method_args"] = {"temprature": 0.1}
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"params.yaml: invalid parameters:\n  train.method_args.temprature: unknown"):
+        load_config(params)
+
+
+def test_build_method_validates_too_and_no_factory_swallows_keywords() -> None:
+    with pytest.raises(ValidationError, match="wieght"):
+        build_method("l2", embedding_dim=4, num_classes=3, args={"wieght": 1.0})
+    with pytest.raises(TypeError, match="takes MixBCTArgs"):
+        build_method("mixbct", embedding_dim=4, num_classes=3, args=method_args_model("l2")())
+    with pytest.raises(TypeError):
+        build_method("l2", embedding_dim=4, num_classes=3, weight=1.0)  # type: ignore[call-arg]
+    for name in available_methods():
+        params = inspect.signature(losses._METHODS[name].factory).parameters.values()
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params), name
+
+
+# ------------------------------------------------------------------------------------------ (b) defaults
+
+
+def test_every_method_declares_its_arguments_with_method_md_defaults() -> None:
+    assert set(available_methods()) == set(DEFAULTS)
+    for name, expected in DEFAULTS.items():
+        model = method_args_model(name)
+        assert model().model_dump() == expected, name
+        assert model.model_config["extra"] == "forbid" and model.model_config["frozen"], name
+        assert model.model_config["allow_inf_nan"] is False, name
+
+
+def test_defaults_reach_the_built_method() -> None:
+    assert build_method("mixbct", embedding_dim=4, num_classes=3).alpha == 0.3
+    assert build_method("bct", embedding_dim=4, num_classes=3, s=64.0).scale == 64.0  # the L_cls scale
+    assert build_method("bct", embedding_dim=4, num_classes=3, s=32.0).scale == 32.0
+    assert build_method("bct", embedding_dim=4, num_classes=3, args={"scale": 1.0}).scale == 1.0  # authors' variant
+    uni = build_method("unibct", embedding_dim=4, num_classes=3)
+    assert (uni.scale, uni.start_fraction, uni.lam, uni.tau, uni.refresh_epochs) == (64.0, 0.3, 0.9, 0.05, set())
+    weak = build_method("weakened_l2", embedding_dim=4, num_classes=3)
+    assert (weak.weight, weak.margin) == (10.0, 0.2)
+    assert build_method("l2", embedding_dim=4, num_classes=3).margin == 0.0
+
+
+def test_mixbct_from_params_yaml_is_alpha_0_3() -> None:
+    """params.yaml's `method_args: {}` builds the MixBCT that `train.alpha: 0.3` built: same alpha, same draws."""
+    from components.losses.mixbct import MixBCT, MixBCTArgs, choose_rows
+
+    cfg = load_config(ROOT / "params.yaml")
+    built = build_method("mixbct", embedding_dim=4, num_classes=3, seed=cfg.train.seed, args=cfg.train.method_args)
+    direct = MixBCT(4, 3, seed=cfg.train.seed, args=MixBCTArgs(alpha=0.3))
+    credible = torch.ones(128, dtype=torch.bool)
+    for _ in range(3):
+        rows = choose_rows(credible, built.alpha, built.generator)
+        assert len(rows) == 38 and torch.equal(rows, choose_rows(credible, direct.alpha, direct.generator))
+
+
+# ------------------------------------------------------------------------------------------ (c) a new method
+
+
+class ToyArgs(MethodArgs):
+    weight: float = Field(1.0, ge=0)
+
+
+class Toy(CompatibilityMethod):
+    """ArcFace plus weight · mean ‖new‖²: a compatibility method in a few lines (the class is its own factory)."""
+
+    def __init__(self, *, embedding_dim: int, num_classes: int, s: float, m: float, seed: int, args: ToyArgs) -> None:
+        super().__init__()
+        self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
+        self.weight = args.weight
+
+    def forward(self, new, labels, old=None, credible=None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        cls = self.head(new, labels)
+        norm = new.pow(2).sum(dim=1).mean()
+        return {"loss": cls + self.weight * norm, "cls": cls.detach(), "norm": norm.detach()}
+
+
+@pytest.fixture
+def toy(monkeypatch: pytest.MonkeyPatch):
+    """Registers "toy" in a copy of the registry, so it never leaks into another test."""
+    shipped = available_methods()  # every shipped method is registered before the registry is swapped
+    monkeypatch.setattr(losses, "_METHODS", dict(losses._METHODS))
+    register_method("toy", args=ToyArgs)(Toy)  # the one registry line a new method needs
+    yield "toy"
+    monkeypatch.undo()
+    assert available_methods() == shipped
+
+
+def test_a_new_method_is_one_file_plus_one_line_and_trains(toy: str, tmp_path: Path) -> None:
+    from components.models import build_backbone
+    from components.task import CompatibleTask
+    from components.train import LoopConfig, TrainArrays, fit
+
+    _refused({"train.method": toy, "train.method_args.wieght": 2.0}, "train.method_args.wieght: unknown key (typo?)")
+    cfg = load_config(ROOT / "params.yaml", {"train.method": toy, "train.method_args.weight": 0.5})
+    assert cfg.train.method == "toy" and cfg.train.method_args == {"weight": 0.5}
+
+    torch.manual_seed(0)
+    backbone = build_backbone("small_cnn", 8, 16)
+    method = build_method(cfg.train.method, embedding_dim=8, num_classes=4, s=cfg.train.arcface_s,
+                          m=cfg.train.arcface_m, seed=cfg.train.seed, args=cfg.train.method_args)  # fmt: skip
+    assert isinstance(method, Toy) and method.weight == 0.5
+    before = method.head.weight.detach().clone()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 4)
+    data = TrainArrays(rng.integers(0, 255, size=(16, 16, 16), dtype=np.uint8), labels)
+    history = fit(CompatibleTask(backbone, method), backbone, data, LoopConfig(epochs=1, batch_size=16, lr=0.05),
+                  tmp_path / "ck.pt")  # fmt: skip  (16 images, batch 16: one step)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"]) and "norm" in history[0]
+    assert not torch.equal(method.head.weight.detach(), before)  # the step reached the method's own classifier
