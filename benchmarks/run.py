@@ -175,7 +175,7 @@ def bench_methods(threads: int, steps: int, batch: int) -> None:
 
 def bench_flow(params: Path) -> None:
     """Same params, same components: once through Prefect, once called directly, each in a fresh work folder."""
-    from components import registry, stages
+    from components import pipeline, stages
     from components.config import load_config
     from components.paths import Paths
     from flows.upgrade import upgrade
@@ -185,16 +185,10 @@ def bench_flow(params: Path) -> None:
 
     def direct(work: Path) -> None:
         paths = Paths(work)
-        stages.set_threads(cfg.train.threads)
-        hashes = stages.input_hashes(cfg)  # as the flow: hash the inputs first
-        stages.prepare(cfg.data, paths)
-        stages.legacy(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
-        stages.extract_old(cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads)
-        stages.train(cfg.train, cfg.data.image_size, paths, "new")
-        if cfg.train.paragon and cfg.train.method != "none":
-            stages.train(cfg.train, cfg.data.image_size, paths, "paragon")
-        stages.evaluate(cfg.evaluate, paths, cfg.train.threads)
-        registry.track_and_register(cfg, paths, stages.fingerprint(cfg, hashes["data"], paths))
+        stages.input_hashes(cfg)  # as the flow: hash the inputs first
+        for stage in pipeline.STAGES:  # the same table the flow iterates
+            if stage.when(cfg):
+                pipeline.run(stage.name, cfg, paths)
 
     try:
         tic = time.perf_counter()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.errors import ConfigError
 
@@ -115,11 +115,13 @@ class TrainConfig(Section):
     grad_clip: float = Field(5.0, gt=0)
     arcface_s: float = Field(64.0, gt=0)
     arcface_m: float = Field(0.5, ge=0)
-    alpha: float = Field(0.3, ge=0, le=1)  # MixBCT: share of each batch replaced by old features
+    # The method's own arguments, checked against its model (components/losses/<method>.py), which holds the
+    # defaults (mixbct: {alpha: 0.3}); resolved with them, so `{}` and `{alpha: 0.3}` are the same model (one key)
+    # and the run logs every value. The paragon (method "none") gets none.
+    method_args: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     hflip: bool = False  # mirrored glyphs are other characters; faces would use True
     paragon: bool = True  # also train method "none" as the upper bound
     seed: int = 0
-    threads: int = Field(2, ge=1)
 
     @field_validator("arch")
     @classmethod
@@ -135,9 +137,28 @@ class TrainConfig(Section):
             raise ValueError(f"unknown method {value!r}; known: {', '.join(available_methods())}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "alpha" in data:
+            raise ValueError("train.alpha moved to train.method_args.alpha (each method owns its arguments)")
+        return data
+
+    @field_validator("method_args")
+    @classmethod
+    def _method_args(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # A field validator (not a model one) so that errors read `train.method_args.<field>`.
+        if "method" not in info.data:  # the method name itself is wrong; that error is reported
+            return value
+        from components.losses import method_args_model
+
+        return method_args_model(info.data["method"]).model_validate(value).model_dump(mode="json")
+
 
 class EvaluateConfig(Section):
     gate_metrics: tuple[str, ...] = ("top1", "tar@far=1e-3")
+    # max |torch − onnxruntime| an exported model may show: the legacy stage's check and the registration gate
+    onnx_tolerance: float = Field(1e-4, gt=0)
 
     @field_validator("gate_metrics")
     @classmethod
@@ -155,10 +176,17 @@ class RegisterConfig(Section):
     artifact_root: str = "mlflow/artifacts"
     experiment: str = "mixbct-upgrade"
     model_name: str = "kanji-embedder"
-    onnx_tolerance: float = Field(1e-4, gt=0)
+
+
+class RuntimeConfig(Section):
+    """How every stage runs, not what it computes: never part of a model's key or the upgrade key."""
+
+    threads: int = Field(2, ge=1)  # torch, faiss and onnxruntime threads (set explicitly: both bring OpenMP)
+    workers: int = Field(2, ge=1)  # processes that render or decode images (prepare)
 
 
 class Config(Section):
+    runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
     legacy: LegacyConfig = LegacyConfig()
     old: OldConfig = OldConfig()

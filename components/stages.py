@@ -17,6 +17,7 @@ import torch
 
 from components.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LegacyConfig, OldConfig, TrainConfig
 from components.errors import ConfigError, DataError
+from components import keys
 from components.io import atomic_dir, file_sha256, save_npy, tree_sha256, write_json, write_text
 from components.paths import Paths
 from components.progress import bar
@@ -103,13 +104,13 @@ def check_inputs(cfg: Config, paths: Paths) -> dict[str, Any]:
         from components.embed import check_compatible_dims, load_embedder
         from components.validation import validate_embeddings
 
-        embedder = load_embedder(cfg.old.model, threads=cfg.train.threads)
+        embedder = load_embedder(cfg.old.model, threads=cfg.runtime.threads)
         check_compatible_dims(embedder, cfg.train.embedding_dim, cfg.data.image_size, name=cfg.old.model)
         gallery_rows = manifest.iloc[split_rows(manifest, "gallery")]
         gallery, _ = _load_gallery_file(Path(cfg.old.gallery), gallery_rows)
-        report_path = paths.reports / "legacy_gallery_validation.md"
+        report_path = paths.reports / "user_gallery_validation.md"  # the extract stage re-checks the imported copy
         report = validate_embeddings(
-            gallery, cfg.train.embedding_dim, len(gallery_rows), source_name=cfg.old.gallery, suite="legacy_gallery",
+            gallery, cfg.train.embedding_dim, len(gallery_rows), source_name=cfg.old.gallery, suite="user_gallery",
             report_path=report_path,
         )  # fmt: skip
         report.raise_for_failure(report_path)
@@ -142,11 +143,14 @@ def gallery_path(paths: Paths) -> Path:
     return paths.legacy / "gallery.npy"
 
 
-def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, threads: int = 2) -> dict[str, Any]:
+def legacy(
+    cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, threads: int = 2, tolerance: float = 1e-4
+) -> dict[str, Any]:
     """The system a user already has: an old model and the gallery embeddings it wrote.
 
     With `old.model`/`old.gallery` set, those files are imported as they are; otherwise a small CNN is trained
-    on the old split (softmax or ArcFace head) and the gallery is embedded with it.
+    on the old split (softmax or ArcFace head) and the gallery is embedded with it; its ONNX export must agree with
+    torch within `tolerance` (evaluate.onnx_tolerance, the registration gate's tolerance too).
     """
     from components.embed import export_onnx, extract, load_embedder, model_sha256, onnx_parity, save_backbone
 
@@ -192,7 +196,7 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
             with bar(f"train old model ({cfg.arch}, {cfg.head})", steps) as advance:
                 history = fit(
                     ClassifierTask(backbone, head), backbone, TrainArrays(images, labels), loop,
-                    checkpoint=paths.root / "checkpoints" / f"legacy-{_checkpoint_key(cfg, image_size, file_sha256(paths.manifest))}.pt",
+                    checkpoint=paths.root / "checkpoints" / f"{keys.legacy_checkpoint(cfg, image_size, file_sha256(paths.manifest))}.pt",
                     progress=lambda s, t: advance(1),
                 )  # fmt: skip
             backbone.eval()
@@ -200,8 +204,8 @@ def legacy(cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, thr
             export_onnx(backbone, out / "model.onnx", image_size)
             gallery_images, _ = split_arrays(paths, "gallery")
             parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
-            if parity > 1e-4:
-                raise RuntimeError(f"{out / 'model.onnx'}: ONNX differs from torch by {parity:.2e}")
+            if not parity <= tolerance:  # NaN fails too
+                raise RuntimeError(f"{out / 'model.onnx'}: ONNX differs from torch by {parity:.2e} (> {tolerance:g})")
             embedder = load_embedder(out / "model.onnx", threads=threads)
             gallery = extract(embedder, gallery_images)
             save_npy(out / "gallery.npy", gallery)
@@ -307,13 +311,6 @@ def _load_gallery_file(path: Path, gallery_rows: pd.DataFrame) -> tuple[np.ndarr
     return np.asarray(embeddings[rows], dtype=np.float32), {"gallery_key": field, "gallery_rows_unused": len(keys) - len(rows)}
 
 
-def _checkpoint_key(*parts: Any) -> str:
-    import hashlib
-
-    text = json.dumps([p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
     write_text(path, pd.DataFrame(history).to_csv(index=False))
 
@@ -360,7 +357,7 @@ def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: 
 # ----------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new") -> dict[str, Any]:
+def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", threads: int = 2) -> dict[str, Any]:
     """Train the new model (role "new": cfg.method) or the paragon (role "paragon": method "none")."""
     from components.embed import export_onnx, onnx_parity, save_backbone
     from components.losses import build_method
@@ -375,10 +372,9 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new") ->
     backbone = build_backbone(cfg.arch, cfg.embedding_dim, image_size)
     method = build_method(
         method_name, embedding_dim=cfg.embedding_dim, num_classes=n_classes, s=cfg.arcface_s, m=cfg.arcface_m,
-        alpha=cfg.alpha, seed=cfg.seed,
+        seed=cfg.seed, args=cfg.method_args if role == "new" else {},  # the paragon ("none") takes no arguments
     )  # fmt: skip
-    old = credible = None
-    fingerprint_parts: list[Any] = [cfg.model_dump(exclude={"paragon", "threads"}), role, image_size]
+    old = credible = old_sha256 = None
     if method.needs_old_features:
         old = np.load(paths.old_features / "features.npy")
         credible = np.load(paths.old_features / "credible.npy")
@@ -389,8 +385,8 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new") ->
                 f"{paths.old_features / 'features.npy'}: old features are {old.shape[1]}-d, "
                 f"train.embedding_dim is {cfg.embedding_dim}"
             )
-        fingerprint_parts.append(file_sha256(paths.old_features / "features.npy"))
-    fingerprint_parts.append(file_sha256(paths.manifest))
+        old_sha256 = file_sha256(paths.old_features / "features.npy")
+    checkpoint = keys.model_checkpoint(cfg, role, image_size, file_sha256(paths.manifest), old_sha256)
     loop = LoopConfig(
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, hflip=cfg.hflip, seed=cfg.seed,
@@ -400,7 +396,7 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new") ->
     with bar(f"train {role} ({cfg.arch}, method={method_name})", steps) as advance:
         history = fit(
             task, backbone, TrainArrays(images, labels, old, credible), loop,
-            checkpoint=paths.root / "checkpoints" / f"{role}-{_checkpoint_key(*fingerprint_parts)}.pt",
+            checkpoint=paths.root / "checkpoints" / f"{checkpoint}.pt",
             progress=lambda s, t: advance(1),
         )  # fmt: skip
     backbone.eval()
@@ -408,7 +404,7 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new") ->
     with atomic_dir(paths.model_dir(role)) as out:
         save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
         export_onnx(backbone, out / "model.onnx", image_size)
-        parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=cfg.threads)
+        parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
         write_json(out / "history.json", history)
         _write_history_csv(out / "history.csv", history)
         info = {"role": role, "method": method_name, "epochs": cfg.epochs, "onnx_parity": parity}
@@ -478,26 +474,43 @@ def input_hashes(cfg: Config) -> dict[str, str]:
 
 
 def upgrade_key(cfg: Config, data: str) -> str:
-    """Content hash of everything an upgrade depends on: resolved params, raw data (its hash `data`), a user's
-    old model and gallery.
-
-    Computed before any work, so a scheduled run can tell in seconds that nothing changed.
-    """
-    import hashlib
-
+    """Content hash of everything an upgrade depends on (components.keys.upgrade_key), with a user's old model and
+    gallery hashed here. Computed before any work, so a scheduled run can tell in seconds that nothing changed."""
     from components.embed import model_sha256
 
-    parts = {"params": cfg.as_dict(), "data": data}
     if cfg.old.model is not None and cfg.old.gallery is not None:
-        parts["old_model"] = model_sha256(Path(cfg.old.model))
-        parts["gallery"] = file_sha256(cfg.old.gallery)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        return keys.upgrade_key(cfg, data, model_sha256(Path(cfg.old.model)), file_sha256(cfg.old.gallery))
+    return keys.upgrade_key(cfg, data)
 
 
 def fingerprint(cfg: Config, data_hash: str, paths: Paths) -> dict[str, str]:
     """Content hashes that identify an upgrade's inputs: params, data, old model, gallery."""
-    import hashlib
-
     info = legacy_info(paths)
-    params = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).hexdigest()
-    return {"params": params, "data": data_hash, "old_model": info["model_sha256"], "gallery": info["gallery_sha256"]}
+    return {"params": keys.params_digest(cfg), "data": data_hash, "old_model": info["model_sha256"], "gallery": info["gallery_sha256"]}
+
+
+# ----------------------------------------------------------------------------------------------- register
+
+
+def register(cfg: Config, paths: Paths, fingerprint: dict[str, str], extra_metrics: dict[str, float] | None = None) -> dict:
+    """Decide (components.gate) and record (components.registry): the criterion stored by `evaluate` and the new
+    model's ONNX parity against torch on the first 128 gallery images, with evaluate.onnx_tolerance.
+
+    Every upgrade becomes one MLflow run; a refused one is tagged `registration=refused` with its reasons and
+    nothing is registered. A parity above tolerance then also raises UpgradeError: the export is broken, not
+    merely incompatible.
+    """
+    from components import gate, registry
+    from components.embed import load_backbone, onnx_parity
+    from components.errors import UpgradeError
+
+    verdict = json.loads((paths.eval / "metrics.json").read_text())["criterion"]
+    onnx_path = paths.model_dir("new") / "model.onnx"
+    backbone, _ = load_backbone(paths.model_dir("new") / "model.pt")
+    gallery_images, _ = split_arrays(paths, "gallery")
+    parity = onnx_parity(backbone, onnx_path, gallery_images[:128], threads=cfg.runtime.threads)
+    decision = gate.decide(verdict, parity, cfg.evaluate.onnx_tolerance)
+    out = registry.track_and_register(cfg, paths, fingerprint, decision, legacy_info(paths), extra_metrics)
+    if not decision.onnx_ok:
+        raise UpgradeError(f"{onnx_path}: not registered: {decision.reason} (MLflow run {out['run_id']})")
+    return out

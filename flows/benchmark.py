@@ -1,8 +1,8 @@
 """The `benchmark` flow: the paper's comparison over a grid of cells, shared work computed once, resumable.
 
-Wiring only: components.benchmark plans the cells and their shared folders, components.stages does the work,
-components.registry logs one MLflow parent run with a child per cell. A cell whose `cell.json` exists is skipped,
-so an interrupted grid resumes where it stopped.
+Wiring only: components.benchmark plans the cells and their shared folders, the stage table (components.pipeline)
+does the work, components.registry logs one MLflow parent run with a child per cell. A cell whose `cell.json`
+exists is skipped, so an interrupted grid resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from components import benchmark as bm
-from components import registry, stages
+from components import benchmark_report
+from components import pipeline, registry, stages
 from components.io import claim_workdir, exclusive, sweep_stale
 from components.paths import BENCHMARK_LAYOUT
 
@@ -23,19 +24,10 @@ def _build(plan: bm.Plan, piece: str) -> None:
     piece = bm.source_piece(plan, piece)
     if bm.is_built(plan, piece):
         return
-    cfg, size, threads = plan.cfg, plan.cfg.data.image_size, plan.cfg.train.threads
     paths = bm.link_inputs(plan, piece)
-    name = f"{piece}-{plan.keys[piece][:8]}"
-    if piece == "data":
-        task(stages.prepare, name=f"prepare-{name}")(cfg.data, paths)
-    elif piece == "legacy":
-        task(stages.legacy, name=f"legacy-{name}")(cfg.legacy, cfg.old, size, paths, threads)
-    elif piece == "features":
-        task(stages.extract_old, name=f"extract-{name}")(cfg.extract, cfg.train.embedding_dim, size, paths, threads)
-    elif piece == "paragon":
-        task(stages.train, name=f"train-{name}")(cfg.train, size, paths, "paragon")
-    else:
-        task(stages.train, name=f"train-{name}-{cfg.train.method}")(cfg.train, size, paths, "new")
+    stage = bm.STAGE_OF[piece]
+    method = f"-{plan.cfg.train.method}" if piece == "new" else ""
+    task(pipeline.run, name=f"{stage}-{piece}-{plan.keys[piece][:8]}{method}")(stage, plan.cfg, paths)
 
 
 @flow(name="benchmark", log_prints=True)
@@ -50,7 +42,7 @@ def benchmark(
     spec = bm.load_grid(grid, grids_file)
     root = Path(workdir) / spec.name
     plans = bm.plan(spec, params, root)  # every override validated before any work
-    stages.set_threads(plans[0].cfg.train.threads)
+    stages.set_threads(plans[0].cfg.runtime.threads)
     with exclusive(root, what="a benchmark"):
         claim_workdir(root, BENCHMARK_LAYOUT)  # a folder of the user's own files is refused, never written or swept
         sweep_stale(root)  # what a run killed mid-write left; never read as output
@@ -62,12 +54,14 @@ def benchmark(
                     continue
                 _build(plan, piece)
             paths = bm.link_cell(plan)
-            task(stages.evaluate, name=f"evaluate-{plan.cell.id}")(plan.cfg.evaluate, paths, plan.cfg.train.threads)
+            task(pipeline.run, name=f"evaluate-{plan.cell.id}")("evaluate", plan.cfg, paths)
             task(bm.record_cell, name=f"record-{plan.cell.id}")(plan)
-        records = bm.load_cells(plans)
-        rows = bm.aggregate(records)
+        records = benchmark_report.load_cells(plans)
+        rows = benchmark_report.aggregate(records)
         command = f"mixbct benchmark --grid {grid} --params {params} --workdir {workdir} --report {report}"
-        written = task(bm.write_report, name="report")(spec, rows, report, command, len(plans) - len(records))
+        written = task(benchmark_report.write_report, name="report")(
+            spec, rows, report, command, len(plans) - len(records)
+        )
     logged = task(registry.log_benchmark, name="log-mlflow", retries=2, retry_delay_seconds=5)(
         plans[0].cfg.registry, spec.name, records, written
     )

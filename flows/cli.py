@@ -115,66 +115,32 @@ def _summary(result: dict[str, Any]) -> None:
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="prepare | legacy | extract | train | paragon | evaluate | register")],
+    name: Annotated[str, typer.Argument(help="a stage of components/pipeline.py: prepare | legacy | extract | train | paragon | evaluate | register")],
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = Path("artifacts"),
     set_: SetOpt = None,  # type: ignore[assignment]
 ) -> None:
     """Run one stage directly, without Prefect (what dvc.yaml calls)."""
     _environment()
-    from components import stages
+    from components import pipeline
     from components.config import load_config
-    from components.paths import Paths
+    from components.io import claim_workdir, exclusive, sweep_stale
+    from components.paths import LAYOUT, Paths
 
     try:
         cfg = load_config(params, _overrides(set_))
-        paths = Paths(workdir)
-        stages.set_threads(cfg.train.threads)
-        size, threads = cfg.data.image_size, cfg.train.threads
-        runners = {
-            "prepare": lambda: _prepare(cfg, paths),
-            "legacy": lambda: stages.legacy(cfg.legacy, cfg.old, size, paths, threads),
-            "extract": lambda: stages.extract_old(cfg.extract, cfg.train.embedding_dim, size, paths, threads),
-            "train": lambda: stages.train(cfg.train, size, paths, "new"),
-            "paragon": lambda: stages.train(cfg.train, size, paths, "paragon"),
-            "evaluate": lambda: stages.evaluate(cfg.evaluate, paths, threads),
-            "register": lambda: _register(cfg, paths, params),
-        }
-        if name not in runners:
-            raise UpgradeError(f"unknown stage {name!r}; known: {', '.join(runners)}")
-        from components.io import claim_workdir, exclusive, sweep_stale
-        from components.paths import LAYOUT
-
+        pipeline.stage(name)  # an unknown name fails here, listing the known ones
         foreign_check(workdir)
+        paths = Paths(workdir)
         with exclusive(paths.root, what="a run"):  # never beside a running upgrade or another stage
             claim_workdir(paths.root, LAYOUT)
             sweep_stale(paths.root)
-            result = runners[name]()
+            result = pipeline.run(name, cfg, paths)
     except UpgradeError as err:
         _fail(err)
     if name == "evaluate":
         Console().print((Path(workdir) / "eval" / "table.md").read_text())
     console.print_json(json.dumps(result, default=str))
-
-
-def _prepare(cfg: Any, paths: Any) -> dict[str, Any]:
-    from components import stages
-
-    stages.check_inputs(cfg, paths)  # the old model, the gallery and the batch sizes, before anything is written
-    return stages.prepare(cfg.data, paths)
-
-
-def _register(cfg: Any, paths: Any, params: Path) -> dict[str, Any]:
-    from components import registry, stages
-    from components.io import write_json
-
-    # the same inputs key as the flow's, so a scheduled run after `dvc repro` sees "nothing to upgrade"
-    hashes = stages.input_hashes(cfg)
-    fingerprint = {**stages.fingerprint(cfg, hashes["data"], paths), "upgrade_key": hashes["upgrade_key"]}
-    out = registry.track_and_register(cfg, paths, fingerprint)
-
-    write_json(paths.registration, out)
-    return out
 
 
 def _print_comparison(result: Any) -> None:
@@ -300,6 +266,25 @@ def rollback(params: ParamsOpt = Path("params.yaml")) -> None:
     except UpgradeError as err:
         _fail(err)
     Console().print(f"{out['model_name']}: @champion -> version {out['champion']} (rolled back from {out['rolled_back_from']})")
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: Annotated[bool, typer.Option(help="only compare: exit 1 if dvc.yaml differs from the stage table")] = False,
+    path: Annotated[Path, typer.Option(help="the dvc.yaml to write or check")] = Path("dvc.yaml"),
+) -> None:
+    """Write dvc.yaml from the stage table (components/pipeline.py): deps = the code each stage runs."""
+    from components.io import write_text
+    from components.pipeline import dvc_yaml as generate
+
+    text = generate()
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            _fail(UpgradeError(f"{path}: differs from components/pipeline.py; run `mixbct dvc-yaml` to regenerate it"))
+        console.print(f"{path}: matches the stage table")
+        return
+    write_text(path, text)
+    console.print(f"{path}: written from the stage table ({text.count('cmd:')} stages)")
 
 
 @app.command()

@@ -1,19 +1,18 @@
 """The `upgrade` flow: validate -> extract old features -> train -> evaluate -> register.
 
-Wiring only: each task is a component function (components.stages / components.registry) that hands the next
-one paths and small summaries. `dvc repro` runs the same functions stage by stage (dvc.yaml).
+Wiring only: one task per stage of the table in components/pipeline.py, in its order; each hands the next one
+paths and small summaries. `dvc repro` runs the same table stage by stage (dvc.yaml is generated from it).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from components import registry, stages
+from components import pipeline, registry, stages
 from components.config import load_config
 from components.errors import UpgradeError
 from components.io import claim_workdir, exclusive, sweep_stale
@@ -49,39 +48,31 @@ def upgrade(
     When the params, the data and the old model are those of an already registered version, the run ends at
     once in a "nothing to upgrade" state (unless `force`).
     """
-    started = time.perf_counter()
     cfg = load_config(params, overrides)
     paths = Paths(Path(workdir))
-    stages.set_threads(cfg.train.threads)
     hashes = task(stages.input_hashes, name="hash-inputs")(cfg)
     key = hashes["upgrade_key"]
     existing = task(registry.find_registered, name="find-registered", retries=2, retry_delay_seconds=5)(cfg.registry, key)
     if existing is not None and not force:
         print(f"nothing to upgrade: {existing['model_name']} version {existing['version']} was built from the same inputs")
         return {"status": "nothing-to-upgrade", "existing": existing, "workdir": str(paths.root)}
+    out: dict[str, Any] = {}
     with exclusive(paths.root):  # a second run on the same work folder is refused, never interleaved
         claim_workdir(paths.root, LAYOUT)  # a folder of the user's own files is refused, never written or swept
         sweep_stale(paths.root)  # what a run killed mid-write left; never read as output
         try:
-            task(stages.check_inputs, name="check-inputs")(cfg, paths)  # bad input stops before anything is written
-            task(stages.prepare, name="validate-and-prepare-data", retries=1, retry_condition_fn=retry_unless_bad_input)(cfg.data, paths)
-            task(stages.legacy, name="legacy-system")(cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.train.threads)
-            task(stages.extract_old, name="extract-old-features")(
-                cfg.extract, cfg.train.embedding_dim, cfg.data.image_size, paths, cfg.train.threads
-            )
+            for stage in pipeline.STAGES:  # the one definition of the pipeline (dvc.yaml is generated from it)
+                if not stage.when(cfg):
+                    continue
+                options = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_bad_input}
+                out[stage.name] = task(pipeline.run, name=stage.name, **options)(stage.name, cfg, paths)
+                if stage.name == "evaluate":
+                    table = (paths.eval / "table.md").read_text()
+                    print(table)
+                    create_markdown_artifact(table, key="compatibility-table", description="cross-model table and gate verdict")
         finally:  # readable validation results, whether the suites passed or stopped the run
             _publish_reports(paths)
-        task(stages.train, name="train-new")(cfg.train, cfg.data.image_size, paths, "new")
-        if cfg.train.paragon and cfg.train.method != "none":
-            task(stages.train, name="train-paragon")(cfg.train, cfg.data.image_size, paths, "paragon")
-        evaluated = task(stages.evaluate, name="evaluate")(cfg.evaluate, paths, cfg.train.threads)
-        table = (paths.eval / "table.md").read_text()
-        print(table)
-        create_markdown_artifact(table, key="compatibility-table", description="cross-model table and gate verdict")
-        registered = task(registry.track_and_register, name="register", retries=2, retry_delay_seconds=5)(
-            cfg, paths, {**stages.fingerprint(cfg, hashes["data"], paths), "upgrade_key": key},
-            {"upgrade.wall_seconds": time.perf_counter() - started},
-        )
+    registered = out["register"]
     verdict = (
         f"registered {registered['model_name']} version {registered['version']} as @{registered['alias']}"
         if registered.get("registered")
@@ -93,4 +84,4 @@ def upgrade(
         key="mlflow-run",
         link_text=f"MLflow run {registered['run_id']}",
     )
-    return {"status": "done", "evaluate": evaluated, "register": registered, "workdir": str(paths.root)}
+    return {"status": "done", "evaluate": out["evaluate"], "register": registered, "workdir": str(paths.root)}

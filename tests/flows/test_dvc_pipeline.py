@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,22 @@ def test_repro_is_incremental(tmp_path: Path) -> None:
     ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
     assert ran == {"evaluate", "register"}, third
 
-    # An experiment with another method: only the new model and what follows it run again.
+    # Editing the body of a function a stage runs: that stage and the ones downstream are stale, no other.
+    credible = project / "components/credible.py"
+    text = credible.read_text()
+    assert "\n    return " in text
+    credible.write_text(text.replace("\n    return ", "\n    unused = 0  # an edit\n    return ", 1))
+    out = run(["dvc", "status", "--json"], project)
+    status = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert "extract" in status and "components/credible.py" in json.dumps(status["extract"]), status
+    assert not {"prepare", "legacy", "paragon"} & set(status), status
+    dry = run(["dvc", "repro", "--dry"], project)
+    stale = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert stale == {"extract", "train", "evaluate", "register"}, dry
+    credible.write_text(text)
+    assert "Running stage" not in run(["dvc", "repro"], project)
+
+    # An experiment with another method: only the new model and what follows it run again (never the paragon).
     exp = run(["dvc", "exp", "run", "-S", "train.method=l2"], project)
     ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "evaluate", "register"}, exp
