@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+import pandas as pd
 from rich.table import Table
 from rich.text import Text
 from sklearn.metrics import roc_curve
@@ -285,6 +286,13 @@ def _json_float(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
 
+def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], align: str) -> str:
+    """A markdown table of cells formatted already ("0.9305", "NaN", "✓"): no number parsing, so tabulate keeps
+    them as written; the first column (labels) left-aligned, the others `align`ed."""
+    table = pd.DataFrame([list(row) for row in body], columns=list(header))
+    return table.to_markdown(index=False, colalign=("left", *[align] * (len(header) - 1)), disable_numparse=True)
+
+
 @dataclass(frozen=True)
 class CompatibilityTable:
     """Metrics per (query model, gallery model) pair, with the ROC points of each pair."""
@@ -311,9 +319,8 @@ class CompatibilityTable:
 
     def markdown(self, criterion: Criterion | None = None) -> str:
         cols = self.metrics
-        lines = ["| query/gallery | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        for pair, row in self.rows.items():
-            lines.append(f"| {pair_name(*pair)} | " + " | ".join(_fmt(row.get(m)) for m in cols) + " |")
+        body = [[pair_name(*pair), *(_fmt(row.get(m)) for m in cols)] for pair, row in self.rows.items()]
+        lines = [_markdown_table(["query/gallery", *cols], body, "right")]
         if criterion is not None:
             lines += ["", criterion.markdown(cols)]
         return "\n".join(lines) + "\n"
@@ -411,8 +418,8 @@ class Criterion:
 
     def markdown(self, cols: Sequence[str] | None = None) -> str:
         cols = tuple(cols) if cols is not None else tuple(self.cross)
-        lines = ["| verdict | " + " | ".join(cols) + " |", "|---|" + ":---:|" * len(cols)]
-        lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in self.verdict_rows(cols)]
+        body = [[label, *cells] for label, cells in self.verdict_rows(cols)]
+        lines = [_markdown_table(["verdict", *cols], body, "center")]
         verdict = "PASSED" if self.passed else "FAILED"
         lines += ["", f"**Compatibility gate ({', '.join(self.gate_metrics)}): {verdict}**"]
         lines += [f"- {r}" for r in self.reasons]

@@ -242,22 +242,20 @@ def _report(
         "expectations met)",
         *[f"- {s}" for s in summary],
         "",
-        "| # | status | expectation | description | column | check | observed |",
-        "|---|---|---|---|---|---|---|",
     ]
+    body = []
     for i, r in enumerate(results, 1):
         c = r.expectation_config
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(x)
-                for x in (
-                    str(i), "pass" if r.success else "**FAIL**", c.type, c.description or "", _where(c), _check(c),
-                    _observed(r, detail),
-                )  # fmt: skip
+        body.append([
+            _cell(x)
+            for x in (
+                str(i), "pass" if r.success else "**FAIL**", c.type, c.description or "", _where(c), _check(c),
+                _observed(r, detail),
             )
-            + " |"
-        )
+        ])  # fmt: skip
+    table = pd.DataFrame(body, columns=["#", "status", "expectation", "description", "column", "check", "observed"])
+    # Cells are text already (an observed "0.5" stays as written): no number parsing; every column left-aligned.
+    lines.append(table.to_markdown(index=False, disable_numparse=True))
     if failures:
         lines += ["", "## Failures", "", *[f"- {f}" for f in failures]]
     markdown = "\n".join(lines) + "\n"

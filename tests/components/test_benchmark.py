@@ -1,4 +1,4 @@
-"""The benchmark's plain-library parts: grid expansion, shared-work keys, aggregation and the computed claims."""
+"""The benchmark's plain-library parts: grid expansion, shared-work keys; aggregation, claims and the report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from components import benchmark as bm
+from components import benchmark_report as report
 from components.errors import ConfigError
+from markdown_cells import content
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,11 +26,11 @@ def test_expansion_is_the_union_of_block_cross_products(tmp_path: Path) -> None:
     grid = _grid(tmp_path, {"base": {"train.epochs": 1}, "blocks": [
         {"axes": {"train.method": ["mixbct", "l2"], "train.seed": [0, 1]}},
         {"axes": {"train.method": ["mixbct"], "train.seed": [0]}},  # duplicate of a cell above: run once
-        {"set": {"train.method": "mixbct"}, "axes": {"train.alpha": [0.1]}},
+        {"set": {"train.method": "mixbct"}, "axes": {"train.method_args.alpha": [0.1]}},
     ]})  # fmt: skip
     assert grid.name == "tiny" and len(grid.cells) == 5
     assert all(c.overrides["train.epochs"] == 1 for c in grid.cells)
-    assert [c.ablation for c in grid.cells].count("train.alpha=0.1") == 1
+    assert [c.ablation for c in grid.cells].count("train.method_args.alpha=0.1") == 1
     again = _grid(tmp_path, yaml.safe_load((tmp_path / "tiny.yaml").read_text()))
     assert [c.id for c in again.cells] == [c.id for c in grid.cells]  # stable ids
     assert len({c.id for c in grid.cells}) == 5
@@ -79,59 +81,153 @@ def test_cell_links_point_at_shared_folders(tmp_path: Path) -> None:
 
 
 def _record(method: str, seed: int, oo: float, no: float, nn: float, passed: bool, scenario: str = "open-class",
-            old: str = "softmax", dim: int = 128, ablation: str = "-") -> dict:
+            old: str = "softmax", dim: int = 128, ablation: str = "-", paragon: float | None = None) -> dict:
     metric = lambda v: {"top1": v, "mAP": v, "tar@far=1e-3": v}  # noqa: E731
+    pairs = {"old/old": metric(oo), "new/old": metric(no), "new/new": metric(nn)}
+    if paragon is not None:
+        pairs["paragon/paragon"] = metric(paragon)
     return {"id": f"{method}-{seed}", "method": method, "seed": seed, "scenario": scenario, "old": old, "dim": dim,
-            "ablation": ablation, "overrides": {}, "pairs": {"old/old": metric(oo), "new/old": metric(no),
-            "new/new": metric(nn)}, "criterion": {"passed": passed, "update_gain": {"top1": 0.5}, "retention": {"top1": 1.0}}}  # fmt: skip
+            "ablation": ablation, "overrides": {}, "pairs": pairs,
+            "criterion": {"passed": passed, "update_gain": {"top1": 0.5}, "retention": {"top1": 1.0}}}  # fmt: skip
 
 
 def test_aggregation_is_mean_and_sample_std_over_seeds() -> None:
     records = [_record("mixbct", s, 0.5, v, 0.8, v > 0.5) for s, v in enumerate((0.6, 0.7, 0.4))]
-    (row,) = bm.aggregate(records)
+    (row,) = report.aggregate(records)
     assert row["seeds"] == 3 and row["passes"] == 2
     mean, std = row["new/old.top1"]
     assert mean == pytest.approx(17 / 30) and std == pytest.approx(math.sqrt(((0.6 - 17 / 30) ** 2 + (0.7 - 17 / 30) ** 2 + (0.4 - 17 / 30) ** 2) / 2))
     assert row["old/old.top1"] == (pytest.approx(0.5), pytest.approx(0.0))
-    single = bm.aggregate([_record("l2", 0, 0.5, 0.6, 0.7, True)])[0]
+    single = report.aggregate([_record("l2", 0, 0.5, 0.6, 0.7, True)])[0]
     assert single["new/new.mAP"] == (pytest.approx(0.7), 0.0)
 
 
 def test_update_gain_and_retention_follow_the_pairs_not_the_recorded_numbers() -> None:
     rec = _record("mixbct", 0, 0.5, 0.6, 0.7, True)
     rec["pairs"]["paragon/paragon"] = {"top1": 0.9, "mAP": 0.9, "tar@far=1e-3": 0.9}
-    (row,) = bm.aggregate([rec])  # the recorded update_gain (0.5) is stale: recomputed as (0.6-0.5)/(0.9-0.5)
+    (row,) = report.aggregate([rec])  # the recorded update_gain (0.5) is stale: recomputed as (0.6-0.5)/(0.9-0.5)
     assert row["update_gain.top1"][0] == pytest.approx(0.25) and row["retention.top1"][0] == pytest.approx(0.7 / 0.9)
     rec["pairs"]["paragon/paragon"]["top1"] = 0.45  # a paragon below old/old: no gain to share
-    assert math.isnan(bm.aggregate([rec])[0]["update_gain.top1"][0])
+    assert math.isnan(report.aggregate([rec])[0]["update_gain.top1"][0])
 
 
 def test_claims_are_computed_from_the_table() -> None:
-    rows = bm.aggregate([
+    rows = report.aggregate([
         _record("mixbct", 0, 0.5, 0.60, 0.80, True), _record("bct", 0, 0.5, 0.55, 0.82, True),
         _record("l2", 0, 0.5, 0.62, 0.70, True),
         _record("mixbct", 0, 0.5, 0.45, 0.80, False, scenario="open-data"),
     ])  # fmt: skip
-    a, b, c = bm.claims(rows)
+    a, b, c = report.claims(rows)
     assert a["holds"] is False and "open-data" in a["evidence"]
     assert b["holds"] is False and "l2 0.6200" in b["evidence"]  # mixbct 0.60 < l2 0.62 on cross-test
     assert c["holds"] is True
-    rows_ok = bm.aggregate([_record("mixbct", 0, 0.5, 0.70, 0.80, True), _record("l2", 0, 0.5, 0.62, 0.70, True)])
-    assert [x["holds"] for x in bm.claims(rows_ok)] == [True, True, True]
-    assert [x["holds"] for x in bm.claims(bm.aggregate([_record("none", 0, 0.5, 0.0, 0.9, False)]))] == [None, None, None]
+    rows_ok = report.aggregate([_record("mixbct", 0, 0.5, 0.70, 0.80, True), _record("l2", 0, 0.5, 0.62, 0.70, True)])
+    assert [x["holds"] for x in report.claims(rows_ok)] == [True, True, True]
+    none_only = report.aggregate([_record("none", 0, 0.5, 0.0, 0.9, False)])
+    assert [x["holds"] for x in report.claims(none_only)] == [None, None, None]
 
 
 def test_report_and_plots(tmp_path: Path) -> None:
     grid = bm.Grid("hand", {}, ())
-    rows = bm.aggregate([_record("mixbct", s, 0.5, 0.6 + s / 100, 0.8, True) for s in range(3)]
+    rows = report.aggregate([_record("mixbct", s, 0.5, 0.6 + s / 100, 0.8, True) for s in range(3)]
                         + [_record("l2", 0, 0.5, 0.55, 0.75, True)])
-    out = bm.write_report(grid, rows, tmp_path / "docs", "mixbct benchmark --grid hand")
+    out = report.write_report(grid, rows, tmp_path / "docs", "mixbct benchmark --grid hand")
     text = Path(out["results"]).read_text()
     assert "mixbct benchmark --grid hand" in text and "## Claims as found" in text
-    assert "| old/old (reference) |" in text and "pass (3/3)" in text and "0.6100 ± 0.0100" in text
+    table = [line for line in content(text) if isinstance(line, list)]
+    assert ["l2", "1", *["0.7500"] * 3, *["0.5500"] * 3, "pass (1/1)", "–", "–"] in table
+    assert table[2][0] == "old/old (reference)" and "pass (3/3)" in text and "0.6100 ± 0.0100" in text
     assert "(b) weak old model" in text and "**holds**" in text
     for name in ("cross_by_method", "tradeoff"):
         assert Path(out[name]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aggregation_leaves_out_missing_values_and_keeps_first_appearance_order() -> None:
+    records = [_record("l2", s, 0.5, 0.6, 0.7, True) for s in range(3)] + [_record("bct", 0, 0.5, 0.6, 0.7, True)]
+    records[0]["pairs"]["new/old"]["mAP"] = None  # NaN in JSON
+    records[1]["pairs"]["new/old"]["mAP"] = float("nan")
+    records[2]["pairs"]["new/old"]["mAP"] = 0.9
+    for r in records[:3]:
+        r["pairs"]["new/new"]["top1"] = None
+    l2, bct = report.aggregate(records)
+    assert (l2["method"], bct["method"]) == ("l2", "bct") and l2["seeds"] == 3
+    assert l2["new/old.mAP"] == (pytest.approx(0.9), 0.0)  # one value left: std 0
+    assert all(math.isnan(v) for v in l2["new/new.top1"])  # no value at all
+    assert isinstance(l2["dim"], int) and isinstance(l2["passes"], int)
+    assert report.aggregate([]) == []
+
+
+# The report as the string-building renderer wrote it before DataFrame.to_markdown (only the claims' module name
+# changed): same lines, cells and column alignment; tabulate pads the cells, which `content` ignores.
+RENDERED_BEFORE = """\
+# Benchmark results: grid `golden`
+
+Regenerate with:
+
+```bash
+mixbct benchmark --grid golden
+```
+
+Golden grid.
+
+Cross-test = new/old (new queries vs the old gallery); self-test = new/new. Mean ± sample std over seeds where a setting has several. Criterion: BCT's new/old > old/old and new/new > old/old on the gate metrics (top1, TAR@FAR=1e-3), per seed; update gain and retention on top1 vs the paragon.
+
+**Incomplete: 2 cell(s) have no result yet.**
+
+## open-class, old model softmax (weak), d = 128 (headline)
+
+| method | seeds | self top1 | self mAP | self tar@far=1e-3 | cross top1 | cross mAP | cross tar@far=1e-3 | criterion | update gain | retention |
+|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|
+| old/old (reference) | 1 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | | | |
+| bct | 1 | 0.7100 | 0.7100 | 0.7100 | 0.5200 | – | 0.5200 | pass (1/1) | – | – |
+| l2 | 2 | 0.7500 ± 0.0000 | 0.7500 ± 0.0000 | 0.7500 ± 0.0000 | 0.5667 ± 0.0236 | 0.5667 ± 0.0236 | 0.5667 ± 0.0236 | pass (2/2) | 0.1905 ± 0.0673 | 0.8824 ± 0.0000 |
+| mixbct | 3 | 0.7800 ± 0.0200 | 0.7800 ± 0.0200 | 0.7800 ± 0.0200 | 0.6100 ± 0.0100 | 0.6100 ± 0.0100 | 0.6100 ± 0.0100 | FAIL (2/3) | 0.2750 ± 0.0250 | 0.8667 ± 0.0222 |
+
+## open-class, old model arcface (strong), d = 64
+
+| method | seeds | self top1 | self mAP | self tar@far=1e-3 | cross top1 | cross mAP | cross tar@far=1e-3 | criterion | update gain | retention |
+|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|
+| old/old (reference) | 1 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | | | |
+| none | 1 | 0.9000 | 0.9000 | 0.9000 | 0.0010 | 0.0010 | 0.0010 | FAIL (0/1) | -1.2475 | 1.0000 |
+
+## open-class, old model softmax (weak), d = 128, ablation train.alpha=0.1
+
+| method | seeds | self top1 | self mAP | self tar@far=1e-3 | cross top1 | cross mAP | cross tar@far=1e-3 | criterion | update gain | retention |
+|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|
+| old/old (reference) | 1 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | | | |
+| mixbct | 1 | 0.7900 | 0.7900 | 0.7900 | 0.5800 | 0.5800 | 0.5800 | pass (1/1) | 0.2000 | 0.8778 |
+
+## open-data, old model softmax (weak), d = 128
+
+| method | seeds | self top1 | self mAP | self tar@far=1e-3 | cross top1 | cross mAP | cross tar@far=1e-3 | criterion | update gain | retention |
+|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|
+| old/old (reference) | 1 | 0.4000 | 0.4000 | 0.4000 | 0.4000 | 0.4000 | 0.4000 | | | |
+| mixbct | 1 | 0.6000 | 0.6000 | 0.6000 | 0.3000 | 0.3000 | 0.3000 | FAIL (0/1) | -2.0000 | 1.3333 |
+
+## Claims as found
+
+Computed from the tables above by `components.benchmark_report.claims`.
+
+- (a) MixBCT passes the criterion in every scenario: **does not hold**. 2 setting(s); fails in: open-class/softmax/d128, open-data/softmax/d128
+- (b) weak old model: MixBCT cross-test ≥ BCT and ≥ L2: **holds**. open-class/d128: mixbct 0.6100 vs bct 0.5200; open-class/d128: mixbct 0.6100 vs l2 0.5667
+- (c) MixBCT self-test ≥ L2: **holds**. open-class/softmax/d128: mixbct 0.7800 vs l2 0.7500
+
+Figures: `cross_by_method.png` (headline cross-test top1), `tradeoff.png` (self vs cross top1).
+"""
+
+
+def test_report_content_is_what_the_string_building_renderer_wrote() -> None:
+    records = [_record("mixbct", s, 0.5, 0.6 + s / 100, 0.8 - s / 50, s != 1, paragon=0.9) for s in range(3)]
+    records += [_record("l2", s, 0.5, 0.55 + s / 30, 0.75, True, paragon=0.85) for s in range(2)]
+    records += [_record("bct", 0, 0.5, 0.52, 0.71, True)]
+    records[-1]["pairs"]["new/old"]["mAP"] = None
+    records += [_record("mixbct", 0, 0.4, 0.3, 0.6, False, scenario="open-data", paragon=0.45),
+                _record("mixbct", 0, 0.5, 0.58, 0.79, True, ablation="train.alpha=0.1", paragon=0.9),
+                _record("none", 0, 0.5, 0.001, 0.9, False, old="arcface", dim=64, paragon=0.9)]  # fmt: skip
+    grid = bm.Grid("golden", {}, (), description="Golden grid.\n")
+    text = report.render(grid, report.aggregate(records), "mixbct benchmark --grid golden", missing=2)
+    assert content(text) == content(RENDERED_BEFORE)
+    assert "|:---" in text and "|---|" not in text  # tabulate's alignment rows (padded), not the hand-built ones
 
 
 def test_a_none_cell_reuses_the_paragon_instead_of_training_it_again(tmp_path: Path) -> None:

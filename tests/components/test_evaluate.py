@@ -21,6 +21,7 @@ from components.evaluate import (
     tar_name,
     verification_metrics,
 )
+from markdown_cells import content
 
 
 def unit(deg: float | np.ndarray) -> np.ndarray:
@@ -206,8 +207,9 @@ def test_compatibility_table_rotated_model_fails_compatible_one_passes() -> None
     assert set(t.rocs) == set(t.rows)
 
     md = t.markdown(criterion(t))
+    labels = [line[0] for line in content(md) if isinstance(line, list)]
     for p in pairs:
-        assert f"| {pair_name(*p)} |" in md
+        assert pair_name(*p) in labels
     for m in METRICS:
         assert m in md
     assert "✓" in md and "update gain" in md and "retention" in md
@@ -215,6 +217,46 @@ def test_compatibility_table_rotated_model_fails_compatible_one_passes() -> None
     assert set(d) == {pair_name(*p) for p in pairs}
     json.dumps(d, allow_nan=False)
     assert t.rich_table(bad).row_count == len(pairs) + 5
+
+
+# `table.md` (`mixbct table`, the README's expected result) as the string-building renderer wrote it before
+# DataFrame.to_markdown: same lines, cells and column alignment; tabulate pads the cells, which `content` ignores.
+TABLE_MD_BEFORE = """\
+| query/gallery | top1 | top5 | mAP | tar@far=1e-3 |
+|---|---:|---:|---:|---:|
+| old/old | 0.5000 | 0.7000 | 0.5500 | 0.4000 |
+| new/old | 0.6000 | 0.8000 | 0.6500 | 0.3500 |
+| new/new | 0.8000 | 0.9000 | 0.8500 | NaN |
+| paragon/paragon | 0.9000 | 0.9500 | 0.9000 | 0.7000 |
+| paragon/old | 0.0010 | 0.0040 | 0.0100 |  |
+
+| verdict | top1 | top5 | mAP | tar@far=1e-3 |
+|---|:---:|:---:|:---:|:---:|
+| gate | ● |  |  | ● |
+| cross: new/old > old/old | ✓ | ✓ | ✓ | ✗ |
+| self: new/new > old/old | ✓ | ✓ | ✓ | ✗ |
+| update gain (vs paragon/paragon) | 0.2500 | 0.4000 | 0.2857 | -0.1667 |
+| retention new/new ÷ paragon/paragon | 0.8889 | 0.9474 | 0.9444 | NaN |
+
+**Compatibility gate (top1, tar@far=1e-3): FAILED**
+- tar@far=1e-3: new/old 0.3500 <= old/old 0.4000
+- tar@far=1e-3: new/new NaN vs old/old 0.4000 (NaN: not measurable)
+"""
+
+
+def test_table_markdown_content_is_what_the_string_building_renderer_wrote() -> None:
+    t = CompatibilityTable.from_dict({
+        "old/old": {"top1": 0.5, "top5": 0.7, "mAP": 0.55, "tar@far=1e-3": 0.4},
+        "new/old": {"top1": 0.6, "top5": 0.8, "mAP": 0.65, "tar@far=1e-3": 0.35},
+        "new/new": {"top1": 0.8, "top5": 0.9, "mAP": 0.85, "tar@far=1e-3": None},  # NaN: not measurable
+        "paragon/paragon": {"top1": 0.9, "top5": 0.95, "mAP": 0.9, "tar@far=1e-3": 0.7},
+        "paragon/old": {"top1": 0.001, "top5": 0.004, "mAP": 0.01},  # no TAR: an empty cell
+    })  # fmt: skip
+    md = t.markdown(criterion(t))
+    assert content(md) == content(TABLE_MD_BEFORE)
+    header, align, *_ = md.splitlines()
+    assert len(header) == len(align) and align.startswith("|:---") and align.endswith("--:|")  # padded, right-aligned
+    assert content(t.markdown()) == content(TABLE_MD_BEFORE.split("\n\n")[0])
 
 
 def test_compatibility_table_unknown_model() -> None:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from components.errors import ValidationFailed
-from components.validation import ValidationReport, validate_embeddings, validate_manifest
+from components.validation import ValidationReport, _report, validate_embeddings, validate_manifest
+from markdown_cells import content
 
 Corruption = Callable[[pd.DataFrame, Path], tuple[pd.DataFrame, str]]  # (manifest, tmp) -> (bad one, culprit)
 NUM_CLASSES = {"old_train": 2, "new_train": 3, "test": 2}
@@ -268,3 +269,47 @@ def test_raise_for_failure_names_suite_source_expectation_and_report(gallery: np
 def test_importing_the_module_does_not_import_great_expectations() -> None:
     code = "import sys, components.validation; assert 'great_expectations' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+# The report as the string-building renderer wrote it before DataFrame.to_markdown: same lines, cells (a `|` in a
+# cell escaped, a newline folded) and column alignment; tabulate pads the cells, which `content` ignores.
+REPORT_MD_BEFORE = """\
+# Validation report: manifest
+
+- source: `toy-root`
+- result: **FAILED** (1 of 3 expectations met)
+- rows: 10
+
+| # | status | expectation | description | column | check | observed |
+|---|---|---|---|---|---|---|
+| 1 | pass | expect_table_row_count_to_equal | row count |  | value=50 | observed 50 |
+| 2 | **FAIL** | expect_column_values_to_match_regex | names are clean | name | regex="^[a-z]+$" | 1 of 10 rows unexpected, e.g. a\\|b |
+| 3 | **FAIL** | expect_column_to_exist |  | label |  | error: boom |
+
+## Failures
+
+- manifest [toy-root]: names are
+clean (expect_column_values_to_match_regex on name): 1 of 10 rows unexpected, e.g. a|b
+- manifest [toy-root]: None (expect_column_to_exist on label): error: boom
+"""
+
+
+def test_report_markdown_content_is_what_the_string_building_renderer_wrote() -> None:
+    from types import SimpleNamespace as NS
+
+    def config(type_: str, description: str | None, **kwargs: object) -> NS:
+        return NS(type=type_, description=description, kwargs=kwargs, meta={})
+
+    results = [
+        NS(success=True, result={"observed_value": 50.0}, exception_info={},
+           expectation_config=config("expect_table_row_count_to_equal", "row count", value=50)),
+        NS(success=False, result={"unexpected_count": 1, "element_count": 10, "missing_count": 0,
+                                  "partial_unexpected_list": ["a|b"]}, exception_info={},
+           expectation_config=config("expect_column_values_to_match_regex", "names are\nclean", column="name",
+                                     regex="^[a-z]+$")),
+        NS(success=False, result={}, exception_info={"raised_exception": True, "exception_message": "boom"},
+           expectation_config=config("expect_column_to_exist", None, column="label")),
+    ]  # fmt: skip
+    markdown = _report("manifest", "toy-root", ["rows: 10"], results, {}, None).markdown
+    assert content(markdown) == content(REPORT_MD_BEFORE)
+    assert "| 1   | pass     |" in markdown  # tabulate pads the cells

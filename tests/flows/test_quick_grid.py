@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from components import benchmark as bm
+from components import benchmark_report as report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,14 +45,15 @@ def check_quick_grid(root: Path, docs: Path, plans: list[bm.Plan]) -> None:
             assert pairs["new/old"]["top1"] > pairs["paragon/old"]["top1"], plan.cell.id
 
     text = (docs / "results.md").read_text()
-    rows = bm.aggregate(list(records.values()))
-    settings = {bm.setting_of(r) for r in rows}
+    rows = report.aggregate(list(records.values()))
+    settings = {report.setting_of(r) for r in rows}
     assert text.count("\n## ") == len(settings) + 1  # a section per setting + the claims
-    assert "(headline)" in text and "ablation train.alpha=0.1" in text and "ablation extract.credible_keep=1.0" in text
-    for claim in bm.claims(rows):  # the claims section states exactly what the numbers say
+    assert "(headline)" in text and "ablation train.method_args.alpha=0.1" in text
+    assert "ablation extract.credible_keep=1.0" in text
+    for claim in report.claims(rows):  # the claims section states exactly what the numbers say
         verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[claim["holds"]]
         assert f"{claim['claim']}: {verdict}" in text
-    assert all(c["holds"] is not None for c in bm.claims(rows))  # the quick grid measures all three claims
+    assert all(c["holds"] is not None for c in report.claims(rows))  # the quick grid measures all three claims
     assert (docs / "cross_by_method.png").stat().st_size > 0 and (docs / "tradeoff.png").stat().st_size > 0
 
 

@@ -1,0 +1,239 @@
+"""The benchmark's report: recorded cells -> mean ± std over seeds -> the paper's claims -> results.md + figures.
+
+components.benchmark plans the grid and records each finished cell as `cells/<id>/cell.json`; this module only
+reads those records (labels, pairs, criterion), so the report is rebuilt from a finished grid without rerunning it.
+Update gain and retention are recomputed from each cell's pairs by `evaluate.criterion`, the one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.benchmark import Grid, Plan
+from components.evaluate import CompatibilityTable, Criterion, criterion
+from components.io import atomic_path, write_text
+
+# The headline setting of the paper's comparison: open-class, weak (softmax) old model, d = 128, no ablation.
+HEADLINE = ("open-class", "softmax", 128, "-")
+REPORT_METRICS = ("top1", "mAP", "tar@far=1e-3")
+PAIRS = ("old/old", "new/old", "new/new")
+# A row of the aggregate: one setting and method; every value column holds (mean, sample std) over its seeds.
+GROUP_KEYS = ("scenario", "old", "dim", "ablation", "method")
+VALUE_COLUMNS = (*(f"{pair}.{m}" for pair in PAIRS for m in REPORT_METRICS), "update_gain.top1", "retention.top1")
+
+
+def load_cells(plans: Sequence[Plan]) -> list[dict[str, Any]]:
+    """The records of the cells that finished (a cell without `cell.json` is still to run)."""
+    return [json.loads(p.cell_json.read_text()) for p in plans if p.cell_json.is_file()]
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+
+
+def setting_of(record: Mapping[str, Any]) -> tuple[str, str, int, str]:
+    return (record["scenario"], record["old"], int(record["dim"]), record["ablation"])
+
+
+def _derived(record: Mapping[str, Any]) -> Criterion:
+    """Update gain and retention recomputed from the cell's pairs by `evaluate.criterion`, the one definition
+    (a cell recorded by an older version keeps its pairs; what is derived from them follows the code)."""
+    table = CompatibilityTable.from_dict(record["pairs"])
+    paragon = "paragon" if ("paragon", "paragon") in table.rows else None
+    return criterion(table, paragon=paragon, gate_metrics=record["criterion"].get("gate_metrics") or ("top1",))
+
+
+def _float(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def cell_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per cell: its labels, whether it passed, and each value averaged over seeds (NaN where absent)."""
+    rows = []
+    for r in records:
+        scenario, old, dim, ablation = setting_of(r)
+        row: dict[str, Any] = {"scenario": scenario, "old": old, "dim": dim, "ablation": ablation,
+                               "method": r["method"], "passed": bool(r["criterion"]["passed"])}  # fmt: skip
+        for pair in PAIRS:
+            for m in REPORT_METRICS:
+                row[f"{pair}.{m}"] = _float((r["pairs"].get(pair) or {}).get(m))
+        derived = _derived(r)
+        for extra in ("update_gain", "retention"):
+            row[f"{extra}.top1"] = _float((getattr(derived, extra) or {}).get("top1"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*GROUP_KEYS, "passed", *VALUE_COLUMNS])
+
+
+def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (setting, method), in order of first appearance.
+
+    The std is the sample std (ddof 1), 0 for a single value; NaN and missing values are left out, and a column
+    with no value at all is (NaN, NaN). `seeds` counts the cells, `passes` those whose criterion passed.
+    """
+    frame = cell_frame(records)
+    groups = frame.groupby(list(GROUP_KEYS), sort=False)
+    values = groups[list(VALUE_COLUMNS)]
+    mean, std, count = values.mean(), values.std(ddof=1), values.count()
+    std = std.mask(count == 1, 0.0)  # one seed: no spread (pandas gives NaN)
+    counts = groups["passed"].agg(seeds="size", passes="sum")
+    rows = []
+    for key in counts.index:
+        row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
+        row["dim"] = int(row["dim"])
+        row["seeds"], row["passes"] = int(counts.at[key, "seeds"]), int(counts.at[key, "passes"])
+        for col in VALUE_COLUMNS:
+            row[col] = (float(mean.at[key, col]), float(std.at[key, col]))
+        rows.append(row)
+    return rows
+
+
+def _mean(row: Mapping[str, Any], col: str) -> float:
+    return row[col][0]
+
+
+def claims(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's claims, checked on the aggregated numbers (means over seeds, top1 unless said otherwise).
+
+    (a) MixBCT passes the criterion in every scenario (every seed of every non-ablation setting);
+    (b) with a weak (softmax) old model, MixBCT's cross-test top1 ≥ BCT's and ≥ L2's;
+    (c) MixBCT's self-test top1 ≥ L2's (every setting where both ran).
+    A claim with no cells to check is "not measured", never true.
+    """
+    by = {(setting_of(r), r["method"]): r for r in rows}
+    settings = sorted({setting_of(r) for r in rows}, key=str)
+    out = []
+
+    mix = [by[(s, "mixbct")] for s in settings if (s, "mixbct") in by and s[3] == "-"]
+    a_ok = all(r["passes"] == r["seeds"] for r in mix)
+    failing = [f"{r['scenario']}/{r['old']}/d{r['dim']}" for r in mix if r["passes"] != r["seeds"]]
+    out.append({"claim": "(a) MixBCT passes the criterion in every scenario",
+                "holds": a_ok if mix else None,
+                "evidence": (f"{len(mix)} setting(s); fails in: {', '.join(failing)}" if failing
+                             else f"passes in all {len(mix)} setting(s)")})  # fmt: skip
+
+    checks_b = []
+    for s in settings:
+        if s[1] != "softmax" or s[3] != "-" or (s, "mixbct") not in by:
+            continue
+        for other in ("bct", "l2"):
+            if (s, other) in by:
+                m, o = _mean(by[(s, "mixbct")], "new/old.top1"), _mean(by[(s, other)], "new/old.top1")
+                checks_b.append((s, other, m, o, m >= o))
+    out.append({"claim": "(b) weak old model: MixBCT cross-test ≥ BCT and ≥ L2",
+                "holds": all(c[4] for c in checks_b) if checks_b else None,
+                "evidence": "; ".join(f"{s[0]}/d{s[2]}: mixbct {m:.4f} vs {o_} {o:.4f}" for s, o_, m, o, _ in checks_b)
+                or "not measured"})  # fmt: skip
+
+    checks_c = []
+    for s in settings:
+        if (s, "mixbct") in by and (s, "l2") in by:
+            m, o = _mean(by[(s, "mixbct")], "new/new.top1"), _mean(by[(s, "l2")], "new/new.top1")
+            checks_c.append((s, m, o, m >= o))
+    out.append({"claim": "(c) MixBCT self-test ≥ L2",
+                "holds": all(c[3] for c in checks_c) if checks_c else None,
+                "evidence": "; ".join(f"{s[0]}/{s[1]}/d{s[2]}: mixbct {m:.4f} vs l2 {o:.4f}" for s, m, o, _ in checks_c)
+                or "not measured"})  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _pm(value: tuple[float, float], seeds: int) -> str:
+    mean, std = value
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
+
+
+def setting_table(group: Sequence[Mapping[str, Any]]) -> str:
+    """One setting's markdown table: the old/old reference row, then a row per method (self-test, cross-test)."""
+    cols = [f"{kind} {m}" for kind in ("self", "cross") for m in REPORT_METRICS]
+    ref, n_ref = group[0], group[0]["seeds"]
+    reference = [_pm(ref[f"old/old.{m}"], n_ref) for m in REPORT_METRICS]
+    body = [["old/old (reference)", str(n_ref), *reference, *reference, "", "", ""]]  # old/old is self and cross
+    for r in group:
+        n = r["seeds"]
+        verdict = ("pass" if r["passes"] == n else "FAIL") + f" ({r['passes']}/{n})"
+        body.append([r["method"], str(n), *(_pm(r[f"new/new.{m}"], n) for m in REPORT_METRICS),
+                     *(_pm(r[f"new/old.{m}"], n) for m in REPORT_METRICS), verdict,
+                     _pm(r["update_gain.top1"], n), _pm(r["retention.top1"], n)])  # fmt: skip
+    table = pd.DataFrame(body, columns=["method", "seeds", *cols, "criterion", "update gain", "retention"])
+    # The cells are formatted already ("0.6100 ± 0.0100", "–"): no number parsing, numbers right-aligned.
+    align = ("left", "right", *("right" for _ in cols), "center", "right", "right")
+    return table.to_markdown(index=False, colalign=align, disable_numparse=True)
+
+
+def render(grid: Grid, rows: Sequence[Mapping[str, Any]], command: str, missing: int = 0) -> str:
+    """docs/results.md: a table per setting, the regenerating command, and the claims computed from the numbers."""
+    lines = [f"# Benchmark results: grid `{grid.name}`", "",
+             f"Regenerate with:\n\n```bash\n{command}\n```", "",
+             grid.description.strip(), "",
+             "Cross-test = new/old (new queries vs the old gallery); self-test = new/new. Mean ± sample std over "
+             "seeds where a setting has several. Criterion: BCT's new/old > old/old and new/new > old/old on the gate "
+             "metrics (top1, TAR@FAR=1e-3), per seed; update gain and retention on top1 vs the paragon."]  # fmt: skip
+    if missing:
+        lines += ["", f"**Incomplete: {missing} cell(s) have no result yet.**"]
+    for setting in sorted({setting_of(r) for r in rows}, key=lambda s: (s != HEADLINE, str(s))):
+        scenario, old, dim, ablation = setting
+        group = sorted((r for r in rows if setting_of(r) == setting), key=lambda r: r["method"])
+        title = f"{scenario}, old model {old} ({'weak' if old == 'softmax' else 'strong'}), d = {dim}"
+        title += f", ablation {ablation}" if ablation != "-" else ""
+        lines += ["", f"## {title}{' (headline)' if setting == HEADLINE else ''}", "", setting_table(group)]
+    lines += ["", "## Claims as found", "", f"Computed from the tables above by `{__name__}.claims`.", ""]
+    for c in claims(rows):
+        verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[c["holds"]]
+        lines.append(f"- {c['claim']}: {verdict}. {c['evidence']}")
+    lines += ["", "Figures: `cross_by_method.png` (headline cross-test top1), `tradeoff.png` (self vs cross top1)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(grid: Grid, rows: Sequence[Mapping[str, Any]], out: str | Path, command: str, missing: int = 0) -> dict[str, str]:
+    out = Path(out)
+    results = write_text(out / "results.md", render(grid, rows, command, missing))
+    return {"results": str(results), **plots(rows, out)}
+
+
+def plots(rows: Sequence[Mapping[str, Any]], out: Path) -> dict[str, str]:
+    """cross_by_method.png (headline setting, error bars) and tradeoff.png (self vs cross, every setting)."""
+    from components.plots import _figure
+
+    plt = _figure()
+    headline = [r for r in rows if setting_of(r) == HEADLINE] or [r for r in rows if r["ablation"] == "-"] or list(rows)
+    shown = headline and setting_of(headline[0])
+    headline = sorted((r for r in headline if setting_of(r) == shown), key=lambda r: r["method"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if headline:
+        x = range(len(headline))
+        ax.bar(x, [r["new/old.top1"][0] for r in headline], yerr=[r["new/old.top1"][1] for r in headline], capsize=4)
+        ax.axhline(headline[0]["old/old.top1"][0], color="k", linestyle="--", label="old/old")
+        ax.set_xticks(list(x), [r["method"] for r in headline], rotation=30)
+        ax.legend()
+    ax.set_ylabel("cross-test top1 (new/old)")
+    ax.set_title(f"Cross-test by method: {'/'.join(map(str, shown)) if shown else 'no results'}")
+    cross = out / "cross_by_method.png"
+    with atomic_path(cross, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for method in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == method and r["ablation"] == "-"]
+        ax.errorbar([r["new/old.top1"][0] for r in rs], [r["new/new.top1"][0] for r in rs],
+                    xerr=[r["new/old.top1"][1] for r in rs], yerr=[r["new/new.top1"][1] for r in rs],
+                    fmt="o", label=method, capsize=3)  # fmt: skip
+    ax.set_xlabel("cross-test top1 (new/old)")
+    ax.set_ylabel("self-test top1 (new/new)")
+    ax.set_title("Self-test vs cross-test per method (one point per setting)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    tradeoff = out / "tradeoff.png"
+    with atomic_path(tradeoff, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return {"cross_by_method": str(cross), "tradeoff": str(tradeoff)}
