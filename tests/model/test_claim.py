@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_mixbct_passes_and_the_paragon_fails(tmp_path: Path) -> None:
     from components.data.kanjivg import copy_source
 
