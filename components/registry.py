@@ -52,7 +52,9 @@ def connect(cfg: RegisterConfig) -> str:
     try:
         exp = mlflow.get_experiment_by_name(cfg.experiment)
     except MlflowException as err:
-        raise UpgradeError(f"registry.tracking_uri {cfg.tracking_uri}: cannot use the MLflow tracking store: {err}") from err
+        raise UpgradeError(
+            f"registry.tracking_uri {cfg.tracking_uri}: cannot use the MLflow tracking store: {err}"
+        ) from err
     if exp is not None:
         return exp.experiment_id
     location = cfg.artifact_root
@@ -337,7 +339,9 @@ def connect_existing(cfg: RegisterConfig, need_model: bool = True) -> None:
     try:
         MlflowClient().get_registered_model(cfg.model_name)
     except MlflowException as err:
-        raise UpgradeError(f"registry.model_name {cfg.model_name!r}: no such registered model in {uri}") from err
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UpgradeError(f"registry.model_name {cfg.model_name!r}: no such registered model in {uri}") from err
+        raise UpgradeError(f"registry.tracking_uri {uri}: cannot use the MLflow tracking store: {err}") from err
 
 
 def _version_or_fail(client: Any, name: str, version: str) -> Any:
@@ -421,11 +425,15 @@ def rollback(cfg: RegisterConfig) -> dict[str, Any]:
 def doctor(cfg: RegisterConfig) -> dict[str, Any]:
     """`mixbct doctor`: recover (see `recover`) and list what remains: versions, aliases, incomplete ones."""
     from mlflow import MlflowClient
-
     from mlflow.exceptions import MlflowException
 
     connect_existing(cfg, need_model=False)
-    done = recover(cfg)
+    try:
+        done = recover(cfg)
+    except MlflowException as err:
+        raise UpgradeError(
+            f"registry.tracking_uri {cfg.tracking_uri}: cannot use the MLflow tracking store: {err}"
+        ) from err
     client = MlflowClient()
     versions = _all_versions(client, cfg.model_name)
     try:

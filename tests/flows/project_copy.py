@@ -57,7 +57,8 @@ def tool_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 600) -> str:
     """Run a command to completion; fail the test with its output when it exits non-zero."""
-    env = dict(env) if env is not None else tool_env(cwd.parent)
+    # PYTHONPATH: the copy's own code runs (ahead of the editable install's finder, which points at this checkout)
+    env = dict(env) if env is not None else tool_env(cwd.parent, PYTHONPATH=str(cwd))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
