@@ -58,6 +58,7 @@ def check_quick_grid(root: Path, docs: Path, plans: list[bm.Plan]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 18-30 min: kept out of CI's 45-minute budget (make test-long)
 @pytest.mark.usefixtures("prefect_harness")
 def test_quick_grid_runs_end_to_end(tmp_path: Path) -> None:
     from components.data.kanjivg import copy_source
