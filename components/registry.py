@@ -272,12 +272,13 @@ def recover(cfg: RegisterConfig) -> dict[str, list[str]]:
     exp = _experiment(cfg)
     if exp is not None:
         for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
-            if _writer_state(run.data.tags) == "dead":
+            state = _writer_state(run.data.tags)
+            if state == "dead":
                 client.set_tag(run.info.run_id, "mixbct.recovered", "its process died while the run was RUNNING")
                 client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED))
                 log.warning("marked run %s FAILED: its process (pid %s) died while it was RUNNING", run.info.run_id, run.data.tags["mixbct.pid"])
                 done["failed_runs"].append(run.info.run_id)
-            elif _writer_state(run.data.tags) == "unknown":
+            elif state == "unknown":
                 done["skipped"].append(f"run {run.info.run_id}: RUNNING, started by another host or an older version")
     return done
 

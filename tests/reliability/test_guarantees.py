@@ -3,10 +3,12 @@ are loaded safely, a held work folder is refused, and `doctor` / `promote` never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,19 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return holder
 
 
+@contextlib.contextmanager
+def _held(work: Path) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """A work folder with the holder's finished output, whose lock a live process holds mid-write."""
+    (work / "dataset").mkdir(parents=True)
+    (work / "dataset" / "manifest.csv").write_text("the holder's output\n")
+    holder = _hold_lock(work)
+    try:
+        yield work, holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _holders_files(work: Path) -> dict[str, bytes]:
     return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
 
@@ -172,20 +187,13 @@ def _upgrade_on_held(tmp_path: Path, params: Path) -> tuple[object, int, dict[st
     """`mixbct upgrade` on a work folder held by a live holder: (result, holder pid, files before, after, seconds)."""
     import time
 
-    work = tmp_path / "work"
-    (work / "dataset").mkdir(parents=True)
-    (work / "dataset" / "manifest.csv").write_text("the holder's output\n")
-    holder = _hold_lock(work)
-    try:
+    with _held(tmp_path / "work") as (work, holder):
         before = _holders_files(work)
         assert any(name.startswith("dataset/.images.npy.") for name in before), before  # the holder's write
         started = time.perf_counter()
         result = runner.invoke(app, ["upgrade", "-p", str(params), "-w", str(work)])
         elapsed = time.perf_counter() - started
         return result, holder.pid, before, _holders_files(work), elapsed
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @case("lock", "a second `mixbct upgrade` on a work folder whose `.lock` a live upgrade holds",
@@ -231,19 +239,12 @@ def test_upgrade_refused_inside_the_flow_shows_no_traceback(tmp_path: Path, para
 @case("lock", "`mixbct stage prepare` (what `dvc repro` runs) on a work folder a live `mixbct upgrade` holds",
       "refused at once: exit 1, 'already running here'; the holder's dataset/ is not rewritten")  # fmt: skip
 def test_stage_on_a_held_work_folder(tmp_path: Path, params_factory) -> None:
-    work = tmp_path / "work"
-    (work / "dataset").mkdir(parents=True)
-    (work / "dataset" / "manifest.csv").write_text("the holder's output\n")
-    holder = _hold_lock(work)
-    try:
+    with _held(tmp_path / "work") as (work, _):
         before = _holders_files(work)
         result = runner.invoke(app, ["stage", "prepare", "-p", str(params_factory()), "-w", str(work)])
         after = _holders_files(work)
         _refused(result, str(work), "already running here")
         assert after == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # ------------------------------------------------------------------------------------------------ registry
