@@ -7,6 +7,14 @@ Each method declares its own arguments as a frozen `MethodArgs` model in its fil
 registers one factory with it: `@register_method("mixbct", args=MixBCTArgs)`. The factory receives what every
 method shares (embedding_dim, num_classes, ArcFace s and m, seed) plus its typed arguments; params.yaml's
 `train.method_args` is validated against that model when the config is loaded, so a typo fails naming the field.
+
+Where the MixBCT authors' re-implementation of a baseline differs from the original method (method.md,
+"Baselines"), the original at its working scale is the method ("bct", "nccl", …) and the authors' variant is
+registered beside it under its own name ("bct_authors", …) with `register_variant`, so that reports can label it:
+`method_label(name)` and `is_authors_variant(name)`.
+
+The BCT-style heads also take the old model's classifier, optionally, before `prepare()`:
+`method.set_old_classifier(rows, known)` where `method.accepts_old_classifier` is true (see `CompatibilityMethod`).
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ class NoArgs(MethodArgs):
 
 
 class CompatibilityMethod(nn.Module):
-    """Base class. `needs_old_features` tells the data side whether to load old features and the mask."""
+    """Base class. `needs_old_features` tells the data side whether to load old features and the mask;
+    `accepts_old_classifier` whether `set_old_classifier` may be called (BCT and UniBCT)."""
 
     needs_old_features: bool = False
+    accepts_old_classifier: bool = False
 
     def forward(  # type: ignore[override]
         self,
@@ -54,6 +64,12 @@ class CompatibilityMethod(nn.Module):
         """Called before each epoch (0-based). `embed_train()` returns the current new features [N, d] of the
         whole training set in dataset order (eval mode, no grad): what prototype refinement needs."""
 
+    def set_old_classifier(self, rows: torch.Tensor, known: torch.Tensor) -> None:
+        """Give the method the old model's classifier, before `prepare()`: `rows` [C, d] holds, for each class k of
+        the new training set, the old head's row of that identity (bias dropped); `known` [C] bool marks the classes
+        the old model was trained on (only their rows are read). Only methods with `accepts_old_classifier`."""
+        raise TypeError(f"{type(self).__name__} does not use the old classifier (accepts_old_classifier is False)")
+
 
 class MethodFactory(Protocol):
     """What a registered factory is called with: the shared things, by keyword, and the method's typed args."""
@@ -69,7 +85,14 @@ class _Registered:
     args: type[MethodArgs]
 
 
+@dataclass(frozen=True)
+class _Variant:
+    of: str  # the corrected method it is a variant of
+    label: str  # how reports name it
+
+
 _METHODS: dict[str, _Registered] = {}
+_VARIANTS: dict[str, _Variant] = {}
 F = TypeVar("F", bound=MethodFactory)
 
 
@@ -83,6 +106,14 @@ def register_method(name: str, args: type[MethodArgs]) -> Callable[[F], F]:
         return factory
 
     return wrap
+
+
+def register_variant(name: str, *, of: str, label: str) -> None:
+    """Mark registered method `name` as the MixBCT authors' (or another published) variant of method `of`, named
+    `label` in reports, e.g. "BCT (MixBCT authors' variant: unscaled logits)"."""
+    if name in _VARIANTS and _VARIANTS[name] != _Variant(of, label):
+        raise ValueError(f"variant {name!r} is already registered")
+    _VARIANTS[name] = _Variant(of, label)
 
 
 def _load_all() -> None:
@@ -100,6 +131,24 @@ def _registered(name: str) -> _Registered:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
+
+
+def is_authors_variant(name: str) -> bool:
+    """True for a labelled variant (e.g. "bct_authors"), False for a method as method.md defines it."""
+    _registered(name)
+    return name in _VARIANTS
+
+
+def variant_of(name: str) -> str | None:
+    """The corrected method a variant belongs to ("bct_authors" -> "bct"); None for a method itself."""
+    _registered(name)
+    return _VARIANTS[name].of if name in _VARIANTS else None
+
+
+def method_label(name: str) -> str:
+    """How reports name method `name`: the variant's label, or the plain name for a method itself."""
+    _registered(name)
+    return _VARIANTS[name].label if name in _VARIANTS else name
 
 
 def method_args_model(name: str) -> type[MethodArgs]:

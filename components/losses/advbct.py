@@ -1,6 +1,6 @@
 """AdvBCT (Pan et al., "Boundary-Aware Backward-Compatible Representation via Adversarial Learning in Image
 Retrieval", CVPR 2023, arXiv:2305.02610), as method.md ("Baselines") and the MixBCT authors'
-re-implementation define it.
+re-implementation (Liang et al., arXiv:2308.06948) define it.
 
     L = L_cls(new) + L_p2s + L_adv
 
@@ -8,12 +8,13 @@ Point-to-set term, from old-feature statistics built once in `prepare()` (buffer
     c_y  = L2-normalised mean of the L2-normalised old features of class y                       [C, d]
     r_y  = max ‖norm old_j − c_y‖ over the class after 1.5·IQR outlier removal (`prototypes.iqr_max`) [C]
     r′_y = r_y + σ(β_y) · (0.4 − r_y)      elastic boundary, β [C] learnable, initialised 0 (r′ halfway)
-    L_p2s = 4 · mean_i max(‖norm new_i − c_{y_i}‖ − r′_{y_i}, 0)
+    L_p2s = 4 · Σ_i max(‖norm new_i − c_{y_i}‖ − r′_{y_i}, 0) / #{i : ‖norm new_i − c_{y_i}‖ > r′_{y_i}}
 The parametrisation is the authors' `ElasticBoundary` written in closed form: they move r by
 |r − 0.4|·σ(β) toward 0.4 (up when r < 0.4, down otherwise), which is exactly r + σ(β)(0.4 − r); they
 initialise β uniformly in [−1, 1], here 0 for a deterministic start. A one-sample class has r = 0.
-Unlike the authors' code (which divides by the number of violating samples and skips one-sample classes),
-the mean runs over the whole batch, as method.md writes it.
+The sum is divided by the number of violating samples of the batch (per violating sample, as method.md and the
+authors' code have it), so the term keeps its strength as fewer samples violate; a batch with no violating
+sample gives 0. The authors' code also skips one-sample classes; here they take part (r = 0, r′ = σ(β)·0.4).
 
 Adversarial term: an MLP discriminator D (d → 100, BatchNorm, ReLU → 2 classes) tells old (label 1) from new
 (label 0) L2-normalised features; new features reach D through a gradient-reversal layer with the DANN
@@ -43,7 +44,7 @@ from components.losses.prototypes import class_centres, iqr_max, per_class
 
 
 class AdvBCTArgs(MethodArgs):
-    p2s_weight: float = Field(4.0, ge=0)  # method.md: L_p2s = 4 · …
+    p2s_weight: float = Field(4.0, ge=0)  # method.md: L_p2s = 4 · Σ max(…, 0) / (number of violating samples)
     adv_weight: float = Field(4.0, ge=0)  # authors' code: 4 · (E − e + 1)/E · adversarial NLL
     boundary_target: float = Field(0.4, ge=0, le=2)  # method.md: elastic boundary around 0.4 (unit-sphere distance)
     hidden: int = Field(100, ge=1)  # discriminator width, authors' code (d → 100 → 2)
@@ -126,7 +127,8 @@ class AdvBCT(CompatibilityMethod):
         cls = self.head(new, labels)
         new_u = F.normalize(new, dim=1)  # [b, d]
         dist = torch.linalg.vector_norm(new_u - self.centres[labels].to(new.dtype), dim=1)  # [b]
-        p2s = (dist - self.elastic_radii(labels)).clamp_min(0.0).mean()
+        excess = (dist - self.elastic_radii(labels)).clamp_min(0.0)  # [b]
+        p2s = excess.sum() / (excess > 0).sum().clamp_min(1)  # per violating sample
 
         alpha = self.grl_alpha(len(labels))
         if self.training:

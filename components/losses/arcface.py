@@ -28,14 +28,17 @@ class ArcFaceHead(nn.Module):
         self.theta = math.cos(math.pi - m)
         self.sinmm = math.sin(math.pi - m) * m
 
+    def margin(self, target: torch.Tensor) -> torch.Tensor:
+        """The target-class cosine after the margin, elementwise: cos(θ + m), or cos θ − m·sin(π − m) past π − m."""
+        sin = torch.sqrt((1.0 - target * target).clamp_min(1e-12))
+        cos_theta_m = target * self.cos_m - sin * self.sin_m
+        return torch.where(target > self.theta, cos_theta_m, target - self.sinmm)
+
     def logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits [b, C] with the margin applied to each row's target column."""
         cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1)).clamp(-1.0, 1.0)  # [b, C]
         target = cos.gather(1, labels[:, None])  # [b, 1]
-        sin = torch.sqrt((1.0 - target * target).clamp_min(1e-12))
-        cos_theta_m = target * self.cos_m - sin * self.sin_m
-        final = torch.where(target > self.theta, cos_theta_m, target - self.sinmm)
-        return cos.scatter(1, labels[:, None], final) * self.s
+        return cos.scatter(1, labels[:, None], self.margin(target)) * self.s
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(features, labels), labels)

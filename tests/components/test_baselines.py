@@ -32,6 +32,7 @@ def _one_thread():
 
 
 BASELINES = ["l2", "weakened_l2", "bct", "unibct", "nccl", "advbct", "lce"]
+VARIANTS = ["bct_authors", "unibct_authors", "nccl_authors", "lce_authors"]  # the MixBCT authors' (labelled)
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -54,14 +55,19 @@ def ref_centres(old: np.ndarray, labels: np.ndarray, n_classes: int) -> list[np.
     return centres
 
 
-def ref_iqr_max(values: list[float]) -> float:
+def ref_iqr_inliers(values: list[float]) -> list[float]:
+    """Reference 1.5·IQR outlier removal in plain Python (AdvBCT's quartile convention)."""
     r = sorted(values)
     n = len(r)
     if n >= 4:
         q1, q3 = r[n // 4], r[(3 * n) // 4]
         iqr = q3 - q1
         r = [v for v in r if q1 - 1.5 * iqr <= v <= q3 + 1.5 * iqr]
-    return max(r)
+    return r
+
+
+def ref_iqr_max(values: list[float]) -> float:
+    return max(ref_iqr_inliers(values))
 
 
 def close(a: float, b: float, tol: float = 1e-4) -> bool:
@@ -101,13 +107,13 @@ def head_weight(method: torch.nn.Module) -> np.ndarray:
 
 
 def test_registry_knows_every_baseline_and_builds_them_with_the_stage_kwargs() -> None:
-    assert set(BASELINES) <= set(available_methods())
-    for name in BASELINES:
+    assert set(BASELINES + VARIANTS) <= set(available_methods())
+    for name in BASELINES + VARIANTS:
         method = build_method(name, embedding_dim=D, num_classes=C, s=64.0, m=0.5, seed=0, args={})
         assert method.needs_old_features, name
 
 
-@pytest.mark.parametrize("name", ["bct", "unibct", "advbct", "lce"])
+@pytest.mark.parametrize("name", ["bct", "unibct", "advbct", "lce", "bct_authors", "unibct_authors", "lce_authors"])
 def test_prototype_methods_refuse_missing_old_features(name: str) -> None:
     with pytest.raises(ValueError, match="old features"):
         build_method(name, embedding_dim=D, num_classes=C).prepare(None, torch.tensor([0, 1, 2]))
@@ -136,33 +142,88 @@ def test_l2_and_weakened_l2_match_hand_reference(name: str, margin: float) -> No
 # ------------------------------------------------------------------------------------------ BCT
 
 
-@pytest.mark.parametrize(("args", "scale"), [({}, 64.0), ({"scale": 1.0}, 1.0), ({"scale": 16.0}, 16.0)])
-def test_bct_influence_loss_matches_hand_reference(args: dict, scale: float) -> None:
-    """Default: the logits at the ArcFace scale s = 64 (method.md); scale 1 is the MixBCT authors' variant."""
+def ref_influence(n: np.ndarray, labels: torch.Tensor, protos, scale: float) -> float:
+    """Mean CE of the scaled dot products of the normalised new rows with each prototype."""
+    return float(
+        np.mean(
+            [
+                cross_entropy([scale * float(np.dot(unit(n[i]), p)) for p in protos], int(labels[i]))
+                for i in range(len(n))
+            ]
+        )
+    )
+
+
+@pytest.mark.parametrize(("name", "scale"), [("bct", 64.0), ("bct_authors", 1.0)])
+def test_bct_influence_loss_matches_hand_reference(name: str, scale: float) -> None:
+    """BCT: the logits at the ArcFace scale s = 64 (method.md); the MixBCT authors' variant drops s."""
     old_all, labels_all = train_set()
     new, old, labels = batch()
-    method = build_method("bct", embedding_dim=D, num_classes=C, args=args)
+    method = build_method(name, embedding_dim=D, num_classes=C)
     method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
-    protos = ref_centres(old_all.astype(np.float64), labels_all, C)
+    protos = ref_centres(old_all.astype(np.float64), labels_all, C)  # no old head: every class synthesised
     n = new.numpy().astype(np.float64)
-    influence = np.mean(
-        [
-            cross_entropy([scale * float(np.dot(unit(n[i]), protos[c])) for c in range(C)], int(labels[i]))
-            for i in range(B)
-        ]
-    )
+    influence = ref_influence(n, labels, protos, scale)
     out = method(new, labels, old)
     expected = reference_arcface(n, head_weight(method), labels.numpy(), 64.0, 0.5) + influence
     assert close(out["loss"].item(), expected)
-    assert close(out["influence"].item(), float(influence))
+    assert close(out["influence"].item(), influence)
     assert np.allclose(method.prototypes.numpy(), np.stack(protos), atol=1e-6)
     assert torch.allclose(method.prototypes.norm(dim=1), torch.ones(C))
+
+
+@pytest.mark.parametrize("name", ["bct", "unibct"])
+def test_bct_head_uses_the_old_classifier_rows_of_known_classes_and_synthesises_the_rest(name: str) -> None:
+    old_all, labels_all = train_set()
+    rows = torch.tensor(np.random.default_rng(5).normal(size=(C, D)) * 7.0, dtype=torch.float32)  # unnormalised
+    known = torch.tensor([True, False, True])
+    method = build_method(name, embedding_dim=D, num_classes=C)
+    assert method.accepts_old_classifier
+    method.set_old_classifier(rows, known)
+    method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
+    method.on_epoch_start(3, 10, lambda: torch.randn(len(labels_all), D))  # UniBCT: on, refined at switch-on
+
+    synthesised = ref_centres(old_all.astype(np.float64), labels_all, C)
+    r = rows.numpy().astype(np.float64)
+    protos = [unit(r[0]), synthesised[1], unit(r[2])]  # old head's rows for 0 and 2, class mean for 1
+    assert np.allclose(method.prototypes.numpy(), np.stack(protos), atol=1e-6)
+    new, old, labels = batch()
+    n = new.numpy().astype(np.float64)
+    logits = (method.prototypes @ torch.nn.functional.normalize(new, dim=1).t()).t() * 64.0  # [B, C]
+    for i in range(B):
+        for c in range(C):
+            assert close(float(logits[i, c]), 64.0 * float(np.dot(unit(n[i]), protos[c])), 1e-5)
+    assert close(method(new, labels, old)["influence"].item(), ref_influence(n, labels, protos, 64.0))
+
+
+def test_old_classifier_is_checked_and_only_given_before_prepare() -> None:
+    old_all, labels_all = train_set()
+    rows, known = torch.randn(C, D), torch.tensor([True, False, False])
+    method = build_method("bct", embedding_dim=D, num_classes=C)
+    with pytest.raises(ValueError, match=r"must be \[3, 4\]"):
+        method.set_old_classifier(torch.randn(C, D + 1), known)
+    with pytest.raises(ValueError, match="bool tensor"):
+        method.set_old_classifier(rows, torch.tensor([1, 0, 0]))
+    with pytest.raises(ValueError, match="zero"):
+        method.set_old_classifier(torch.zeros(C, D), known)
+    method.set_old_classifier(torch.cat([rows[:1], torch.full((2, D), float("nan"))]), known)  # unknown: not read
+    method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
+    assert torch.isfinite(method.prototypes).all()
+    with pytest.raises(RuntimeError, match="before prepare"):
+        method.set_old_classifier(rows, known)
+    for name in ["bct_authors", "unibct_authors", "l2", "nccl", "advbct", "lce", "mixbct", "none"]:
+        other = build_method(name, embedding_dim=D, num_classes=C)
+        assert not other.accepts_old_classifier, name
+        with pytest.raises(TypeError, match="does not use the old classifier"):
+            other.set_old_classifier(rows, known)
 
 
 # ------------------------------------------------------------------------------------------ UniBCT
 
 
-def ref_refine(new_all: np.ndarray, old_all: np.ndarray, labels_all: np.ndarray, n_classes: int) -> np.ndarray:
+def ref_refine(
+    new_all: np.ndarray, old_all: np.ndarray, labels_all: np.ndarray, n_classes: int, normalise: bool = True
+) -> np.ndarray:
     lam, tau = 0.9, 0.05
     protos = []
     for c in range(n_classes):
@@ -179,7 +240,8 @@ def ref_refine(new_all: np.ndarray, old_all: np.ndarray, labels_all: np.ndarray,
                 for i in range(n):
                     a[i, j] = col[i] / sum(col)
             refined = (1 - lam) * np.linalg.inv(np.eye(n) - lam * a) @ o
-        protos.append(unit(refined.mean(axis=0)))
+        mean = refined.mean(axis=0)
+        protos.append(unit(mean) if normalise else mean)
     return np.stack(protos)
 
 
@@ -230,6 +292,21 @@ def test_unibct_head_is_off_before_switch_on_and_refined_on_after() -> None:
     assert len(calls) == 2 and int(method.refined_epoch) == 6
 
 
+def test_unibct_authors_variant_loads_unnormalised_refined_means_at_scale_1() -> None:
+    old_all, labels_all = train_set((7, 7, 9), seed=3)
+    new_all = torch.tensor(np.random.default_rng(4).normal(size=(len(labels_all), D)), dtype=torch.float32)
+    method = build_method("unibct_authors", embedding_dim=D, num_classes=C)
+    method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
+    method.on_epoch_start(3, 10, lambda: new_all)
+    expected = ref_refine(new_all.numpy().astype(np.float64), old_all.astype(np.float64), labels_all, C, False)
+    assert np.allclose(method.prototypes.numpy(), expected, atol=1e-5)
+    assert (method.prototypes.norm(dim=1) < 0.999).all()  # a mean of unit vectors that do not coincide
+    new, old, labels = batch()
+    n = new.numpy().astype(np.float64)
+    out = method(new, labels, old)
+    assert close(out["influence"].item(), ref_influence(n, labels, list(expected), 1.0))
+
+
 def test_unibct_refinement_keeps_the_class_mean() -> None:
     """A property of the formula, documented in unibct.py: A is column-stochastic, so the class mean of
     (1 − λ)(I − λA)⁻¹O equals the mean of O, and the refined prototypes equal BCT's plain class means."""
@@ -256,10 +333,24 @@ def ref_supcon(
     return -float(np.mean(per_row))
 
 
+def ref_margin(cos: float, m: float = 0.5) -> float:
+    """ArcFace's target cosine (no easy margin): cos(θ + m) while θ + m < π, else cos θ − m·sin(π − m)."""
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    return math.cos(theta + m) if theta + m < math.pi else cos - math.sin(math.pi - m) * m
+
+
+def ref_logit_vector(x: np.ndarray, y: int, wn: list[np.ndarray]) -> np.ndarray:
+    """The ArcFace head's logit vector of feature x with label y, over s (the scale cancels in a cosine)."""
+    z = np.array([float(np.dot(unit(x), wc)) for wc in wn])
+    z[y] = ref_margin(z[y])
+    return z
+
+
 def ref_nccl_step(
     queue: list[tuple[np.ndarray, int]], new, old, labels, w, size: int, temperature: float
 ) -> tuple[float, float]:
-    """Enqueue the batch (FIFO, last `size` kept), then both contrastive terms at `temperature`."""
+    """Enqueue the batch (FIFO, last `size` kept), then both contrastive terms at `temperature`; the logit term
+    compares the ArcFace logit vectors (margin on each vector's own label) by cosine."""
     for o, y in zip(old, labels, strict=True):
         queue.append((unit(o), int(y)))
     del queue[: max(0, len(queue) - size)]
@@ -268,27 +359,30 @@ def ref_nccl_step(
     sims, cos, weights = [], [], []
     for i in range(len(new)):
         ni, oi = unit(new[i]), unit(old[i])
-        zi = np.array([float(np.dot(ni, wc)) for wc in wn])
+        zi = ref_logit_vector(new[i], int(labels[i]), wn)
         sims.append([float(np.dot(ni, q)) / temperature for q in qf])
         weights.append([0.5 * (1.0 + float(np.dot(oi, q))) for q in qf])
         row = []
-        for q in qf:
-            zq = np.array([float(np.dot(q, wc)) for wc in wn])
+        for q, yq in zip(qf, ql, strict=True):
+            zq = ref_logit_vector(q, yq, wn)
             row.append(float(np.dot(zi, zq)) / (np.linalg.norm(zi) * np.linalg.norm(zq)) / temperature)
         cos.append(row)
     ys = [int(y) for y in labels]
     return ref_supcon(sims, ys, ql, weights), ref_supcon(cos, ys, ql, weights)
 
 
-def test_nccl_matches_hand_reference_over_two_steps_with_wraparound() -> None:
-    method = build_method("nccl", embedding_dim=D, num_classes=C, args={"queue_size": 8})  # τ = 0.05 by default
+@pytest.mark.parametrize(("name", "temperature"), [("nccl", 0.05), ("nccl_authors", 1.0)])
+def test_nccl_matches_hand_reference_over_two_steps_with_wraparound(name: str, temperature: float) -> None:
+    """NCCL at τ = 0.05 (method.md's default); the MixBCT authors' variant at τ = 1."""
+    method = build_method(name, embedding_dim=D, num_classes=C, args={"queue_size": 8})
+    assert method.temperature == temperature
     queue: list[tuple[np.ndarray, int]] = []
     for step in range(2):
         new, old, labels = batch(seed=10 + step)
         out = method(new, labels, old)
         feat, logit = ref_nccl_step(
             queue, new.numpy().astype(np.float64), old.numpy().astype(np.float64), labels.numpy(),
-            head_weight(method), size=8, temperature=0.05,
+            head_weight(method), size=8, temperature=temperature,
         )  # fmt: skip
         arcface = reference_arcface(new.numpy().astype(np.float64), head_weight(method), labels.numpy(), 64.0, 0.5)
         assert close(out["contrast"].item(), feat) and close(out["contrast_logits"].item(), logit)
@@ -324,10 +418,12 @@ def test_advbct_matches_hand_reference() -> None:
         method.boundary.copy_(torch.tensor([0.5, -1.0, 2.0]))
     method.on_epoch_start(2, 5, lambda: torch.empty(0))
     new, old, labels = batch()
-    out = method(new, labels, old)
-
     o_all = old_all.astype(np.float64)
     centres = ref_centres(o_all, labels_all, C)
+    new[0] = torch.tensor(3.0 * centres[0])  # on its class centre: inside the boundary, not a violating sample
+    new[4] = torch.tensor(0.5 * centres[1])
+    out = method(new, labels, old)
+
     radii, raw_max = [], []
     for c in range(C):
         dists = [float(np.linalg.norm(unit(o_all[j]) - centres[c])) for j in range(len(o_all)) if labels_all[j] == c]
@@ -347,9 +443,12 @@ def test_advbct_matches_hand_reference() -> None:
     d_new = ref_discriminator(np.stack([unit(v) for v in n]), method.discriminator)
     d_old = ref_discriminator(np.stack([unit(v) for v in o]), method.discriminator)
     adv = np.mean([cross_entropy(list(r), 0) for r in d_new]) + np.mean([cross_entropy(list(r), 1) for r in d_old])
+    violating = [v for v in p2s if v > 0]
+    assert 0 < len(violating) < B and p2s[0] == p2s[4] == 0.0
+    p2s_term = sum(violating) / len(violating)  # per violating sample (method.md), not per batch row
     decay = (5 - 2 + 1) / 5
-    expected = reference_arcface(n, head_weight(method), labels.numpy(), 64.0, 0.5) + 4 * np.mean(p2s) + 4 * decay * adv
-    assert close(out["p2s"].item(), float(np.mean(p2s))) and close(out["adv"].item(), float(adv))
+    expected = reference_arcface(n, head_weight(method), labels.numpy(), 64.0, 0.5) + 4 * p2s_term + 4 * decay * adv
+    assert close(out["p2s"].item(), p2s_term) and close(out["adv"].item(), float(adv))
     assert close(out["loss"].item(), float(expected))
 
 
@@ -365,46 +464,58 @@ def test_gradient_reversal_flips_and_scales_the_gradient() -> None:
 # ------------------------------------------------------------------------------------------ LCE
 
 
-def test_lce_matches_hand_reference() -> None:
+def ref_iqr_min(values: list[float]) -> float:
+    return min(ref_iqr_inliers(values))
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "k"), [("lce", {}, 4.0), ("lce", {"weight_scale": 16.0}, 16.0), ("lce_authors", {}, 1.0)]
+)
+def test_lce_matches_hand_reference(name: str, args: dict, k: float) -> None:
+    """Boundary + 100 · MSE alignment, both × k: s/16 = 4 by default at s = 64, swept ×16; the authors' ×1."""
     old_all, labels_all = train_set()
-    method = build_method("lce", embedding_dim=D, num_classes=C)
+    method = build_method(name, embedding_dim=D, num_classes=C, args=args)
     method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
     new, old, labels = batch()
-    out = method(new, labels, old)
-
     o_all = old_all.astype(np.float64)
     centres = ref_centres(o_all, labels_all, C)
-    theta = []
+    new[0] = torch.tensor(2.0 * centres[0])  # cosine 1 to its old centre: inside the boundary
+    out = method(new, labels, old)
+
+    cos_min, raw_min = [], []
     for c in range(C):
-        rows = [j for j in range(len(o_all)) if labels_all[j] == c]
-        angles = [math.acos(min(1.0, float(np.dot(unit(o_all[j]), centres[c])))) for j in rows]
-        theta.append(ref_iqr_max(angles))
-    assert np.allclose(method.theta.numpy(), theta, atol=1e-5)
+        cos = [float(np.dot(unit(o_all[j]), centres[c])) for j in range(len(o_all)) if labels_all[j] == c]
+        cos_min.append(ref_iqr_min(cos))
+        raw_min.append(min(cos))
+    assert cos_min[0] > raw_min[0]  # class 0's outlier is not its boundary
+    assert np.allclose(method.cos_min.numpy(), cos_min, atol=1e-5)
     n, w = new.numpy().astype(np.float64), head_weight(method)
-    boundary, align = [], []
-    for i in range(B):
-        y = int(labels[i])
-        boundary.append(max(math.acos(float(np.dot(centres[y], unit(n[i])))) - theta[y], 0.0))
-        align.append(1.0 - float(np.dot(centres[y], unit(w[y]))))
-    assert close(out["boundary"].item(), float(np.mean(boundary))) and close(out["align"].item(), float(np.mean(align)))
-    expected = reference_arcface(n, w, labels.numpy(), 64.0, 0.5) + np.mean(boundary) + np.mean(align)
+    ys = [int(y) for y in labels]
+    boundary = [max(cos_min[ys[i]] - float(np.dot(centres[ys[i]], unit(n[i]))), 0.0) for i in range(B)]
+    assert boundary[0] == 0.0 and max(boundary) > 0.0
+    align = sum(float(v) ** 2 for c in range(C) for v in unit(w[c]) - centres[c]) / (C * D)  # every class, C·d terms
+    assert close(out["boundary"].item(), float(np.mean(boundary))) and close(out["align"].item(), align)
+    expected = reference_arcface(n, w, labels.numpy(), 64.0, 0.5) + k * 1.0 * np.mean(boundary) + k * 100.0 * align
     assert close(out["loss"].item(), float(expected))
 
 
 # ------------------------------------------------------------------------------------------ all methods
 
 
-def ready(name: str) -> torch.nn.Module:
-    """A method after prepare() and, for UniBCT, at its switch-on epoch (head on)."""
+def ready(name: str, old_head: bool = False) -> torch.nn.Module:
+    """A method after prepare() and, for UniBCT, at its switch-on epoch (head on); `old_head`: BCT and UniBCT
+    get the old classifier's rows for classes 0 and 2."""
     old_all, labels_all = train_set()
     method = build_method(name, embedding_dim=D, num_classes=C)
+    if old_head:
+        method.set_old_classifier(torch.randn(C, D), torch.tensor([True, False, True]))
     method.prepare(torch.from_numpy(old_all), torch.from_numpy(labels_all))
     new_all = torch.tensor(np.random.default_rng(7).normal(size=(len(labels_all), D)), dtype=torch.float32)
     method.on_epoch_start(3, 10, lambda: new_all)
     return method
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", BASELINES + VARIANTS)
 def test_gradients_reach_backbone_and_every_trainable_parameter(name: str) -> None:
     torch.manual_seed(0)
     backbone = torch.nn.Linear(5, D)
@@ -421,17 +532,17 @@ def test_gradients_reach_backbone_and_every_trainable_parameter(name: str) -> No
 
 
 STATE = {
-    "bct": ["prototypes"],
-    "unibct": ["prototypes", "refined_epoch"],
+    "bct": ["prototypes", "known"],
+    "unibct": ["prototypes", "known", "refined_epoch"],
     "nccl": ["queue_features", "queue_labels", "queue_ptr", "queue_filled"],
     "advbct": ["centres", "radii", "boundary", "discriminator.0.weight", "discriminator.1.running_mean"],
-    "lce": ["centres", "theta"],
+    "lce": ["centres", "cos_min"],
 }
 
 
 @pytest.mark.parametrize("name", sorted(STATE))
 def test_state_that_must_survive_resume_is_in_state_dict(name: str) -> None:
-    method = ready(name)
+    method = ready(name, old_head=name in ("bct", "unibct"))  # the resumed one is not given the old head again
     _, old, labels = batch()
     method(torch.randn(B, D), labels, old)  # NCCL: fills the queue; AdvBCT: updates the BatchNorm statistics
     state = method.state_dict()

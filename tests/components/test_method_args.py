@@ -23,29 +23,41 @@ from components.losses import (
     MethodArgs,
     available_methods,
     build_method,
+    is_authors_variant,
     method_args_model,
+    method_label,
     register_method,
+    variant_of,
 )
 from components.losses.arcface import ArcFaceHead
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Every method's defaults, each from method.md ("MixBCT, exactly" / "Baselines") unless marked otherwise.
+_UNIBCT = {"start_fraction": 0.3, "refresh_epochs": (), "lam": 0.9, "tau": 0.05}
+_NCCL = {"queue_size": 8192, "feature_weight": 1.0, "logit_weight": 0.01}
+_LCE = {"boundary_weight": 1.0, "align_weight": 100.0}
 DEFAULTS = {
     "none": {},  # "Paragon: L_cls alone"
     "mixbct": {"alpha": 0.3},  # "choose floor(α·b) at random (α = 0.3; 38 of 128)"
     "l2": {"weight": 10.0},  # "L2: L_cls + 10 · mean ‖norm(old_i) − norm(new_i)‖₂"
     "weakened_l2": {"weight": 10.0, "margin": 0.2},  # "L_cls + 10 · mean max(0, ‖…‖₂ − 0.2)"
-    "bct": {"scale": None},  # "CE(s · ⟨norm(new_i), P_k⟩, y_i) with s = the L_cls scale (64)"; None = the ArcFace s
+    # "L_cls + λ · L_inf … CE(s · ⟨norm(new_i), P_k⟩, y_i) with s = the L_cls scale (64) and λ = 1": s is not an
+    # argument (the ArcFace s); the authors' variant drops it
+    "bct": {"influence_weight": 1.0},
+    "bct_authors": {"influence_weight": 1.0},
     # "the BCT head at the same scale, off for the first ~30% of epochs … λ = 0.9, τ = 0.05"
-    "unibct": {"scale": None, "start_fraction": 0.3, "refresh_epochs": (), "lam": 0.9, "tau": 0.05},
-    # "supervised contrastive loss … queue (8192) … temperature τ = 0.05 … + 0.01 · the same on … logit vectors"
-    "nccl": {"queue_size": 8192, "temperature": 0.05, "feature_weight": 1.0, "logit_weight": 0.01},
+    "unibct": {"influence_weight": 1.0, **_UNIBCT},
+    "unibct_authors": {"influence_weight": 1.0, **_UNIBCT},
+    # "supervised contrastive loss … queue (8192) … temperature τ = 0.05 … + 0.01 · the same on … logit vectors";
+    # the authors' variant: temperature 1, not an argument
+    "nccl": {**_NCCL, "temperature": 0.05},
+    "nccl_authors": _NCCL,
     # "L_p2s = 4 · …", "elastic boundary around 0.4"; adv_weight 4 and hidden 100: the authors' code (advbct.py)
     "advbct": {"p2s_weight": 4.0, "adv_weight": 4.0, "boundary_target": 0.4, "hidden": 100},
-    # Not method.md's numbers: those (1 and 100 · MSE at s = 16) go with its cosine/MSE form, lce.py's angular
-    # boundary and 1 − cos alignment keep weight 1 each (lce.py's module docstring).
-    "lce": {"boundary_weight": 1.0, "align_weight": 1.0},
+    # "boundary … + alignment 100 · MSE … with s = 64 scale both by s/16 = 4"; the unscaled variant: × 1
+    "lce": {**_LCE, "weight_scale": 4.0},
+    "lce_authors": _LCE,
 }
 
 
@@ -118,14 +130,51 @@ def test_every_method_declares_its_arguments_with_method_md_defaults() -> None:
 
 def test_defaults_reach_the_built_method() -> None:
     assert build_method("mixbct", embedding_dim=4, num_classes=3).alpha == 0.3
-    assert build_method("bct", embedding_dim=4, num_classes=3, s=64.0).scale == 64.0  # the L_cls scale
+    bct = build_method("bct", embedding_dim=4, num_classes=3, s=64.0)
+    assert (bct.scale, bct.influence_weight) == (64.0, 1.0)  # the L_cls scale, λ = 1
     assert build_method("bct", embedding_dim=4, num_classes=3, s=32.0).scale == 32.0
-    assert build_method("bct", embedding_dim=4, num_classes=3, args={"scale": 1.0}).scale == 1.0  # authors' variant
+    assert build_method("bct_authors", embedding_dim=4, num_classes=3, s=64.0).scale == 1.0  # s dropped
+    with pytest.raises(ValidationError, match="scale"):  # the variant is a method of its own, not an argument
+        build_method("bct", embedding_dim=4, num_classes=3, args={"scale": 1.0})
     uni = build_method("unibct", embedding_dim=4, num_classes=3)
     assert (uni.scale, uni.start_fraction, uni.lam, uni.tau, uni.refresh_epochs) == (64.0, 0.3, 0.9, 0.05, set())
+    assert build_method("unibct_authors", embedding_dim=4, num_classes=3).scale == 1.0
+    assert build_method("nccl", embedding_dim=4, num_classes=3).temperature == 0.05
+    assert build_method("nccl_authors", embedding_dim=4, num_classes=3).temperature == 1.0
+    with pytest.raises(ValidationError, match="temperature"):
+        build_method("nccl_authors", embedding_dim=4, num_classes=3, args={"temperature": 0.05})
+    lce = build_method("lce", embedding_dim=4, num_classes=3)
+    assert (lce.weight_scale, lce.boundary_weight, lce.align_weight) == (4.0, 4.0, 400.0)  # official weights × 4
+    lce16 = build_method("lce", embedding_dim=4, num_classes=3, args={"weight_scale": 16.0})
+    assert (lce16.boundary_weight, lce16.align_weight) == (16.0, 1600.0)
+    authors = build_method("lce_authors", embedding_dim=4, num_classes=3)
+    assert (authors.weight_scale, authors.boundary_weight, authors.align_weight) == (1.0, 1.0, 100.0)
     weak = build_method("weakened_l2", embedding_dim=4, num_classes=3)
     assert (weak.weight, weak.margin) == (10.0, 0.2)
     assert build_method("l2", embedding_dim=4, num_classes=3).margin == 0.0
+
+
+def test_authors_variants_are_separate_labelled_methods() -> None:
+    """Each variant of method.md's "Baselines" is its own registered name, labelled for reports; the methods
+    themselves carry their plain names."""
+    variants = {name for name in available_methods() if is_authors_variant(name)}
+    assert variants == {"bct_authors", "unibct_authors", "nccl_authors", "lce_authors"}
+    for name in variants:
+        corrected = variant_of(name)
+        assert corrected == name.removesuffix("_authors") and not is_authors_variant(corrected)
+        paper_name = {"bct": "BCT", "unibct": "UniBCT", "nccl": "NCCL", "lce": "LCE"}[corrected]
+        assert method_label(name).startswith(f"{paper_name} (")
+        assert method_args_model(name)().model_dump() == DEFAULTS[name]
+    label = "BCT (MixBCT authors' variant: unscaled cosine logits, synthesised classifier)"
+    assert method_label("bct_authors") == label
+    assert method_label("nccl_authors") == "NCCL (MixBCT authors' variant: temperature 1)"
+    for name in set(available_methods()) - variants:
+        assert method_label(name) == name and variant_of(name) is None
+    with pytest.raises(ValueError, match="unknown method 'bct_author'"):
+        method_label("bct_author")
+    _refused({"train.method": "bct", "train.method_args.scale": 1.0}, "train.method_args.scale: unknown key (typo?)")
+    cfg = load_config(ROOT / "params.yaml", {"train.method": "bct_authors"})
+    assert cfg.train.method == "bct_authors" and cfg.train.method_args == {"influence_weight": 1.0}
 
 
 def test_mixbct_from_params_yaml_is_alpha_0_3() -> None:
