@@ -27,9 +27,10 @@ $(VENV)/.installed: requirements-torch.txt requirements.lock pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
-# The raw KanjiVG strokes come from the installed `kanjivg` package; data.dvc tracks them.
+# The raw KanjiVG strokes (base forms + Kaisho variants) come from the installed `kanjivg` package; data.dvc tracks them.
+# A copy made before the Kaisho variants were copied too is replaced.
 data: setup
-	@test -d data/kanjivg || $(PY) -m components.data.kanjivg data/kanjivg
+	@test -f data/kanjivg/04e00.svg -a -f data/kanjivg/04e14-Kaisho.svg || $(PY) -m components.data.kanjivg data/kanjivg
 	@test -d .dvc || dvc init -q
 	dvc add -q data
 

@@ -36,7 +36,7 @@ from components.keys import shared
 from components.paths import Paths
 
 # Overrides that make a cell an ablation of the method rather than another setting.
-ABLATION_KEYS = ("train.method_args.alpha", "extract.credible_keep")
+ABLATION_KEYS = ("train.method_args.alpha", "train.method_args.weight_scale", "extract.credible_keep")
 
 
 # ----------------------------------------------------------------------------------------------- grid
@@ -210,9 +210,18 @@ def labels(plan: Plan) -> dict[str, Any]:
 
 
 def record_cell(plan: Plan) -> dict[str, Any]:
-    """Write `cell.json` (labels, overrides, metrics pairs, criterion) atomically from the cell's evaluation."""
+    """Write `cell.json` (labels, overrides, the test set's pairs, criterion, intervals of the differences and
+    negative flips, backfill AUCs, and the same for the shifted and validation sets) atomically from the cell's
+    evaluation."""
     metrics = json.loads((plan.paths.eval / "metrics.json").read_text())
-    record = {"id": plan.cell.id, "overrides": plan.cell.overrides, **labels(plan),
-              "pairs": metrics["pairs"], "criterion": metrics["criterion"]}  # fmt: skip
+
+    def brief(record: dict[str, Any]) -> dict[str, Any]:
+        boot = record.get("bootstrap") or {}
+        return {"pairs": record["pairs"], "criterion": record["criterion"],
+                "differences": boot.get("differences"), "negative_flips": boot.get("negative_flips")}  # fmt: skip
+
+    backfill = {order: {"auc": c.get("auc"), "dips": c.get("dips")} for order, c in (metrics.get("backfill") or {}).items()}
+    record = {"id": plan.cell.id, "overrides": plan.cell.overrides, **labels(plan), **brief(metrics),
+              "backfill": backfill, "sets": {k: brief(v) for k, v in (metrics.get("sets") or {}).items()}}  # fmt: skip
     write_json(plan.cell_json, record)
     return record

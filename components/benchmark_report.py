@@ -25,7 +25,18 @@ REPORT_METRICS = ("top1", "mAP", "tar@far=1e-3")
 PAIRS = ("old/old", "new/old", "new/new")
 # A row of the aggregate: one setting and method; every value column holds (mean, sample std) over its seeds.
 GROUP_KEYS = ("scenario", "old", "dim", "ablation", "method")
-VALUE_COLUMNS = (*(f"{pair}.{m}" for pair in PAIRS for m in REPORT_METRICS), "update_gain.top1", "retention.top1")
+# What a reviewer needs beside the means (NaN for cells recorded before these existed): the paired-bootstrap interval
+# of the cross-test gain (test set), negative flips, backfill AUCs, the shifted set's cross-test gain with its
+# interval, and the validation set's gains (where choices are made).
+REVIEW_COLUMNS = (
+    "ci.cross.top1", "ci.cross.top1.lo", "ci.cross.top1.hi", "nf_share.new/old", "nf_share.new/new",
+    "backfill.random.auc.top1", "backfill.worst_first.auc.top1", "backfill.dips",
+    "shift.cross.top1", "shift.cross.top1.lo", "shift.cross.top1.hi", "shift.passed",
+    "val.cross.top1", "val.self.top1",
+)  # fmt: skip
+VALUE_COLUMNS = (*(f"{pair}.{m}" for pair in PAIRS for m in REPORT_METRICS), "update_gain.top1", "retention.top1",
+                 *REVIEW_COLUMNS)  # fmt: skip
+CROSS_DIFF, SELF_DIFF, FLIP = "new/old - old/old", "new/new - old/old", "old/old -> {}"
 
 
 def load_cells(plans: Sequence[Plan]) -> list[dict[str, Any]]:
@@ -65,8 +76,40 @@ def cell_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         derived = _derived(r)
         for extra in ("update_gain", "retention"):
             row[f"{extra}.top1"] = _float((getattr(derived, extra) or {}).get("top1"))
+        row.update(_review(r))
         rows.append(row)
     return pd.DataFrame(rows, columns=[*GROUP_KEYS, "passed", *VALUE_COLUMNS])
+
+
+def _cell(d: Mapping[str, Any] | None, *path: str) -> float:
+    for key in path:
+        if not isinstance(d, Mapping) or key not in d:
+            return math.nan
+        d = d[key]
+    return _float(d) if not isinstance(d, bool) else float(d)  # type: ignore[arg-type]
+
+
+def _review(r: Mapping[str, Any]) -> dict[str, float]:
+    """The REVIEW_COLUMNS of one cell record (NaN where the record predates them)."""
+    out = {
+        "ci.cross.top1": _cell(r.get("differences"), CROSS_DIFF, "top1", "point"),
+        "ci.cross.top1.lo": _cell(r.get("differences"), CROSS_DIFF, "top1", "lo"),
+        "ci.cross.top1.hi": _cell(r.get("differences"), CROSS_DIFF, "top1", "hi"),
+        "nf_share.new/old": _cell(r.get("negative_flips"), FLIP.format("new/old"), "nf_share", "point"),
+        "nf_share.new/new": _cell(r.get("negative_flips"), FLIP.format("new/new"), "nf_share", "point"),
+        "backfill.random.auc.top1": _cell(r.get("backfill"), "random", "auc", "top1"),
+        "backfill.worst_first.auc.top1": _cell(r.get("backfill"), "worst_first", "auc", "top1"),
+    }
+    dips = [c.get("dips") for c in (r.get("backfill") or {}).values() if isinstance(c, Mapping)]
+    out["backfill.dips"] = float(any(dips)) if dips else math.nan
+    shift = (r.get("sets") or {}).get("shift")
+    for suffix in ("", ".lo", ".hi"):
+        out[f"shift.cross.top1{suffix}"] = _cell(shift, "differences", CROSS_DIFF, "top1", suffix[1:] or "point")
+    out["shift.passed"] = _cell(shift, "criterion", "passed")
+    val = (r.get("sets") or {}).get("validation")
+    out["val.cross.top1"] = _cell(val, "differences", CROSS_DIFF, "top1", "point")
+    out["val.self.top1"] = _cell(val, "differences", SELF_DIFF, "top1", "point")
+    return out
 
 
 def aggregate(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -169,6 +212,49 @@ def setting_table(group: Sequence[Mapping[str, Any]]) -> str:
     return table.to_markdown(index=False, colalign=align, disable_numparse=True)
 
 
+def _points(value: float) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:+.2f}"
+
+
+def _interval(row: Mapping[str, Any], col: str) -> str:
+    point, lo, hi = (row[f"{col}{s}"][0] for s in ("", ".lo", ".hi"))
+    return "–" if math.isnan(point) else f"{100 * point:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def review_table(group: Sequence[Mapping[str, Any]]) -> str:
+    """One setting's reviewer table (first seed's intervals when several: intervals are per run, not averaged):
+    cross-test gain with its 95% interval, negative flips, backfill AUCs, the shifted set, the validation gains."""
+    body = []
+    for r in group:
+        dips = r["backfill.dips"][0]
+        body.append([
+            _label(r["method"]),
+            _interval(r, "ci.cross.top1"), _fmt_share(r["nf_share.new/old"][0]), _fmt_share(r["nf_share.new/new"][0]),
+            _fmt_share(r["backfill.random.auc.top1"][0]), _fmt_share(r["backfill.worst_first.auc.top1"][0]),
+            "–" if math.isnan(dips) else ("yes" if dips > 0 else "no"),
+            _interval(r, "shift.cross.top1"), _points(r["val.cross.top1"][0]), _points(r["val.self.top1"][0]),
+        ])  # fmt: skip
+    cols = ["method", "cross Δtop1, points [95% CI]", "neg. flips new/old", "neg. flips new/new",
+            "backfill AUC random", "backfill AUC worst-first", "backfill dips", "shifted cross Δtop1 [95% CI]",
+            "val cross Δtop1", "val self Δtop1"]  # fmt: skip
+    table = pd.DataFrame(body, columns=cols)
+    return table.to_markdown(index=False, colalign=("left", *["right"] * (len(cols) - 1)), disable_numparse=True)
+
+
+def _fmt_share(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.4f}"
+
+
+def _label(method: str) -> str:
+    """A compatibility loss's report label (the MixBCT authors' variants say so); a training-free map is marked."""
+    from components.losses import available_methods, method_label
+    from components.training_free import TRAINING_FREE
+
+    if method in TRAINING_FREE:
+        return f"{method} (training-free, on the paragon)"
+    return method_label(method) if method in available_methods() else method
+
+
 def render(grid: Grid, rows: Sequence[Mapping[str, Any]], command: str, missing: int = 0) -> str:
     """docs/results.md: a table per setting, the regenerating command, and the claims computed from the numbers."""
     lines = [f"# Benchmark results: grid `{grid.name}`", "",
@@ -185,6 +271,10 @@ def render(grid: Grid, rows: Sequence[Mapping[str, Any]], command: str, missing:
         title = f"{scenario}, old model {old} ({'weak' if old == 'softmax' else 'strong'}), d = {dim}"
         title += f", ablation {ablation}" if ablation != "-" else ""
         lines += ["", f"## {title}{' (headline)' if setting == HEADLINE else ''}", "", setting_table(group)]
+        if any(not math.isnan(r["ci.cross.top1"][0]) for r in group):
+            lines += ["", "Intervals, flips, backfill, shift and validation (paired bootstrap over test identities; flips "
+                      "= share of old/old-correct queries wrong under the pair; backfill AUC of top-1 over β ∈ [0, 1]; "
+                      "validation gains are where choices are made):", "", review_table(group)]  # fmt: skip
     lines += ["", "## Claims as found", "", f"Computed from the tables above by `{__name__}.claims`.", ""]
     for c in claims(rows):
         verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[c["holds"]]

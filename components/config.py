@@ -42,12 +42,32 @@ class DataConfig(Section):
     # KanjiVG: identities are drawn from the raw folder; ImageFolder: every identity folder is used.
     train_identities: int = Field(4500, ge=2)  # pool the old and new models train on (kanjivg only)
     test_identities: int = Field(2000, ge=2)  # never trained on; gallery + query renderings
+    # Validation identities, disjoint from training and test: every choice is made on them. null: a tenth of
+    # test_identities (at least 2); 0: no validation split (a choice that needs one then fails naming this key).
+    val_identities: int | None = Field(None, ge=0)
+    # Shifted evaluation set: the test identities in another style. null: "kaisho" for kanjivg (its variant forms),
+    # "none" for imagefolder.
+    shift: Literal["kaisho", "none"] | None = None
     old_fraction: float = Field(0.3, gt=0.0, lt=1.0)  # 30% of classes (open/extended-class) or of samples (-data)
     samples_per_identity: int = Field(10, ge=2)  # training renderings per identity (kanjivg only)
     gallery_per_identity: int = Field(1, ge=1)
     query_per_identity: int = Field(2, ge=1)
     # ImageFolder: an image with more pixels (width x height, read from its header) is refused before decoding.
     max_pixels: int = Field(4096 * 4096, ge=1)
+
+    @property
+    def validation_identities(self) -> int:
+        return self.val_identities if self.val_identities is not None else max(2, round(self.test_identities / 10))
+
+    @property
+    def shift_style(self) -> str:
+        return self.shift if self.shift is not None else ("kaisho" if self.source == "kanjivg" else "none")
+
+    @model_validator(mode="after")
+    def _shift_needs_kanjivg(self) -> DataConfig:
+        if self.shift == "kaisho" and self.source != "kanjivg":
+            raise ValueError("data.shift: kaisho needs data.source: kanjivg (its variant forms); use none")
+        return self
 
 
 class LegacyConfig(Section):
@@ -101,9 +121,31 @@ class ExtractConfig(Section):
     batch_size: int = Field(512, ge=1)
 
 
+def all_methods() -> list[str]:
+    """Every `train.method`: the compatibility losses (components/losses) and the training-free maps on the
+    paragon (components/training_free.py)."""
+    from components.losses import available_methods
+    from components.training_free import TRAINING_FREE
+
+    return sorted({*available_methods(), *TRAINING_FREE})
+
+
+def method_args_type(name: str) -> type:
+    """The typed model of method `name`'s own arguments."""
+    from components.training_free import TRAINING_FREE
+
+    if name in TRAINING_FREE:
+        return TRAINING_FREE[name]
+    from components.losses import method_args_model
+
+    return method_args_model(name)
+
+
 class TrainConfig(Section):
     """The new model. Recipe from method.md (authors' code), scaled to CPU."""
 
+    # mixbct | none (the paragon) | a baseline (bct, unibct, nccl, lce, advbct, l2, weakened_l2, and the MixBCT
+    # authors' variants *_authors) | a training-free map on the paragon (procrustes, slerp, adapter)
     method: str = "mixbct"
     arch: str = "resnet_small"
     embedding_dim: int = Field(128, ge=2)
@@ -131,10 +173,9 @@ class TrainConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from components.losses import available_methods
-
-        if value not in available_methods():
-            raise ValueError(f"unknown method {value!r}; known: {', '.join(available_methods())}")
+        known = all_methods()
+        if value not in known:
+            raise ValueError(f"unknown method {value!r}; known: {', '.join(known)}")
         return value
 
     @model_validator(mode="before")
@@ -150,13 +191,22 @@ class TrainConfig(Section):
         # A field validator (not a model one) so that errors read `train.method_args.<field>`.
         if "method" not in info.data:  # the method name itself is wrong; that error is reported
             return value
-        from components.losses import method_args_model
-
-        return method_args_model(info.data["method"]).model_validate(value).model_dump(mode="json")
+        return method_args_type(info.data["method"]).model_validate(value).model_dump(mode="json")
 
 
 class EvaluateConfig(Section):
     gate_metrics: tuple[str, ...] = ("top1", "tar@far=1e-3")
+    # What the gate requires of (new/old − old/old) and (new/new − old/old) per gate metric: "interval", the lower
+    # bound of its paired-bootstrap confidence interval above 0 (the default); "point", the estimate above 0
+    # (BCT's criterion as written, blind to sampling noise).
+    gate_on: Literal["interval", "point"] = "interval"
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # level of every interval
+    bootstrap_resamples: int = Field(1000, ge=100)  # paired bootstrap over test identities (components.stats)
+    bootstrap_seed: int = 0
+    gate_shift: bool = False  # also require the criterion on the shifted evaluation set (data.shift)
+    # Optional bound on the share of old/old-correct queries that new/old gets wrong at top-1 (negative flips).
+    max_negative_flips: float | None = Field(None, ge=0, le=1)
+    backfill_steps: int = Field(10, ge=2)  # partial-backfill curve at beta = 0, 1/steps, ..., 1
     # max |torch − onnxruntime| an exported model may show: the legacy stage's check and the registration gate
     onnx_tolerance: float = Field(1e-4, gt=0)
 

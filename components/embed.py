@@ -1,7 +1,9 @@
 """Saving, loading, exporting and running embedding models (torch checkpoints and ONNX).
 
-Every model here maps float32 [n, 1, H, W] in [-1, 1] to raw embeddings [n, d]. A checkpoint holds only the
-backbone (never a classifier, never an old-model weight) plus what is needed to rebuild it.
+Every model here maps float32 [n, 1, H, W] in [-1, 1] to raw embeddings [n, d]. A backbone checkpoint
+(`save_backbone`) holds only the backbone (never a classifier, never an old-model weight) plus what is needed to
+rebuild it. A training-free composite (`components.training_free`, saved by `save_composite`) holds its parts and
+its fitted map; a SLERP composite holds the old model too, by design: it runs both models per query.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PureWindowsPath
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from components.preprocess import to_input
 if TYPE_CHECKING:
     import onnx
 
+    from components.training_free import TrainingFreeEmbedder
+
 
 class Embedder(Protocol):
     dim: int
@@ -39,6 +43,70 @@ class Embedder(Protocol):
 def save_backbone(backbone: nn.Module, path: Path, arch: str, embedding_dim: int, image_size: int) -> Path:
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     payload = {"arch": arch, "embedding_dim": embedding_dim, "image_size": image_size, "state_dict": state}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _composite_meta(method: str, parts: Mapping[str, Mapping[str, Any]], maps: Mapping[str, Any]) -> dict[str, Any]:
+    """What a composite checkpoint describes: {"arch": method, "embedding_dim", "image_size", "parts": {role: meta}}.
+
+    ValueError unless the parts and map tensors fit `method` (components.training_free.COMPOSITE_PARTS / _MAPS):
+    R is [d_new, d_out] with d_new the new part's embedding_dim (and d_out the old part's, for SLERP), b is [d_out],
+    and every part takes the same image size.
+    """
+    from components.training_free import COMPOSITE_MAPS, COMPOSITE_PARTS
+
+    if sorted(parts) != sorted(COMPOSITE_PARTS[method]):
+        raise ValueError(f"{method} needs parts {list(COMPOSITE_PARTS[method])}, got {sorted(parts)}")
+    if sorted(maps) != sorted(COMPOSITE_MAPS[method]):
+        raise ValueError(f"{method} needs map tensors {list(COMPOSITE_MAPS[method])}, got {sorted(maps)}")
+    if not all(isinstance(t, torch.Tensor) for t in maps.values()):
+        raise ValueError("its map entries must be tensors")
+    metas = {
+        role: {"arch": str(m["arch"]), "embedding_dim": int(m["embedding_dim"]), "image_size": int(m["image_size"])}
+        for role, m in parts.items()
+    }
+    r = maps["R"]
+    if r.ndim != 2 or r.shape[0] != metas["new"]["embedding_dim"]:
+        raise ValueError(f"map R has shape {tuple(r.shape)}; the new part outputs {metas['new']['embedding_dim']}-d")
+    if "old" in metas and r.shape[1] != metas["old"]["embedding_dim"]:
+        raise ValueError(f"map R has shape {tuple(r.shape)}; the old part outputs {metas['old']['embedding_dim']}-d")
+    if "b" in maps and tuple(maps["b"].shape) != (r.shape[1],):
+        raise ValueError(f"map b has shape {tuple(maps['b'].shape)}, R has {r.shape[1]} columns")
+    sizes = sorted({m["image_size"] for m in metas.values()})
+    if len(sizes) != 1:
+        raise ValueError(f"its parts take different image sizes {sizes}")
+    return {"arch": method, "embedding_dim": int(r.shape[1]), "image_size": sizes[0], "parts": metas}
+
+
+def save_composite(model: TrainingFreeEmbedder, path: Path, parts: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Save a training-free composite; `load_backbone` rebuilds it (frozen, eval mode).
+
+    `parts` gives each backbone role of `model` ("new"; SLERP also "old") its {"arch", "embedding_dim",
+    "image_size"}, e.g. the meta `load_backbone` returned for it. Payload (tensors, str, int and float only, so
+    `torch.load(weights_only=True)` reads it): {"arch": "procrustes" | "adapter" | "slerp", "parts": {role: {"arch",
+    "embedding_dim", "image_size", "state_dict"}}, "map": {"R": [d_new, d_out], "b": [d_out] (adapter)}, "a": float
+    (SLERP)}.
+    """
+    maps = {k: v.detach().cpu().clone() for k, v in model.map_tensors().items()}
+    _composite_meta(model.method, parts, maps)  # refuse an inconsistent description before writing anything
+    modules = model.parts()
+    payload: dict[str, Any] = {
+        "arch": model.method,
+        "parts": {
+            role: {
+                "arch": str(parts[role]["arch"]),
+                "embedding_dim": int(parts[role]["embedding_dim"]),
+                "image_size": int(parts[role]["image_size"]),
+                "state_dict": {k: v.detach().cpu() for k, v in modules[role].state_dict().items()},
+            }
+            for role in modules
+        },
+        "map": maps,
+    }
+    if model.weight is not None:
+        payload["a"] = float(model.weight)
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
     return path
@@ -93,7 +161,8 @@ def _checkpoint_problem(path: Path) -> str | None:
 
 
 def load_backbone(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a frozen backbone in eval mode from a checkpoint written by `save_backbone`.
+    """Rebuild a frozen backbone in eval mode from a checkpoint written by `save_backbone` (or a training-free
+    composite written by `save_composite`; its meta then also has "parts", and "a" for SLERP).
 
     Anything else (empty, truncated, foreign, a pickle of arbitrary objects, weights that do not fit the arch)
     raises one DataError line naming the file; nothing in the file is ever executed (weights_only=True).
@@ -112,6 +181,8 @@ def load_backbone(path: Path) -> tuple[nn.Module, dict]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict):
             raise refuse(f"it holds a {type(payload).__name__}, not the dict save_backbone writes")
+        if isinstance(payload.get("arch"), str) and payload["arch"] in _composite_methods():
+            return _load_composite(payload, refuse)
         meta = {k: payload[k] for k in ("arch", "embedding_dim", "image_size")}
         model = build_backbone(str(meta["arch"]), int(meta["embedding_dim"]), int(meta["image_size"]))
         state = payload["state_dict"]
@@ -127,6 +198,38 @@ def load_backbone(path: Path) -> tuple[nn.Module, dict]:
     for p in model.parameters():
         p.requires_grad_(False)
     return model, meta
+
+
+def _composite_methods() -> tuple[str, ...]:
+    from components.training_free import COMPOSITE_PARTS
+
+    return tuple(COMPOSITE_PARTS)
+
+
+def _load_composite(payload: dict, refuse: Callable[[str], DataError]) -> tuple[nn.Module, dict]:
+    """A `save_composite` payload -> (frozen composite, meta); called inside `load_backbone`'s error handling."""
+    from components.training_free import rebuild_composite
+
+    method, raw_parts, maps = payload["arch"], payload["parts"], payload["map"]
+    if not isinstance(raw_parts, dict) or not all(isinstance(p, dict) for p in raw_parts.values()):
+        raise refuse("its 'parts' entry is not a dict of part dicts")
+    if not isinstance(maps, dict):
+        raise refuse("its 'map' entry is not a dict of tensors")
+    meta = _composite_meta(method, raw_parts, maps)
+    modules: dict[str, nn.Module] = {}
+    for role, part_meta in meta["parts"].items():
+        model = build_backbone(part_meta["arch"], part_meta["embedding_dim"], part_meta["image_size"])
+        try:
+            model.load_state_dict(raw_parts[role]["state_dict"])
+        except _LOAD_ERRORS as err:
+            raise refuse(
+                f"part {role!r}: its state_dict does not fit arch {part_meta['arch']!r}: {_short_reason(err)}"
+            ) from None
+        modules[role] = model
+    composite = rebuild_composite(method, modules, maps, payload.get("a"))
+    if composite.weight is not None:
+        meta["a"] = composite.weight
+    return composite, meta
 
 
 class TorchEmbedder:

@@ -371,9 +371,25 @@ def compatibility_table(
     return CompatibilityTable(rows=rows, rocs=rocs)
 
 
+Interval = tuple[float, float, float]  # (estimate, lower, upper)
+
+
+def _fmt_points(iv: Sequence[float] | None) -> str:
+    """A difference of shares in points with its interval: "+0.42 [−0.10, +0.93]"."""
+    if iv is None:
+        return ""
+    est, lo, hi = (100 * float(v) for v in iv)
+    if any(math.isnan(v) for v in (est, lo, hi)):
+        return "NaN"
+    return f"{est:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 @dataclass(frozen=True)
 class Criterion:
-    """BCT's empirical compatibility criterion, per metric, and the deployment gate built on it."""
+    """BCT's empirical compatibility criterion, per metric, and the deployment gate built on it.
+
+    With `intervals` (paired-bootstrap intervals of the differences, components.stats) and require="interval", a
+    check passes only when the interval's lower bound is above 0: the improvement is resolved, not noise."""
 
     cross: dict[str, bool]  # new/old > old/old
     self_: dict[str, bool]  # new/new > old/old
@@ -385,12 +401,15 @@ class Criterion:
     new: str = "new"
     old: str = "old"
     paragon: str | None = None
+    require: str = "point"  # "point": estimate > 0; "interval": lower bound > 0
+    level: float | None = None  # confidence level of the intervals
+    intervals: dict[str, dict[str, Interval]] | None = None  # {"cross"|"self": {metric: (est, lo, hi)}}
 
     def to_dict(self) -> dict:
         def floats(d: dict[str, float] | None) -> dict[str, float | None] | None:
             return None if d is None else {m: _json_float(v) for m, v in d.items()}
 
-        return {
+        out = {
             "passed": self.passed,
             "gate_metrics": list(self.gate_metrics),
             "cross": dict(self.cross),
@@ -399,17 +418,30 @@ class Criterion:
             "update_gain": floats(self.update_gain),
             "retention": floats(self.retention),
             "models": {"new": self.new, "old": self.old, "paragon": self.paragon},
+            "require": self.require,
         }
+        if self.intervals is not None:
+            out["level"] = self.level
+            out["intervals"] = {side: {m: [_json_float(v) for v in iv] for m, iv in d.items()}
+                                for side, d in self.intervals.items()}  # fmt: skip
+        return out
 
     def verdict_rows(self, cols: Sequence[str]) -> list[tuple[str, list[str]]]:
-        """(label, one cell per metric) rows: gate marks, cross and self verdicts, update gain, retention."""
+        """(label, one cell per metric) rows: gate marks, cross and self verdicts, their intervals, update gain,
+        retention."""
         n, o, p = self.new, self.old, self.paragon
         mark = {True: "✓", False: "✗"}
+        how = " (CI low > 0)" if self.require == "interval" else ""
         rows = [
             ("gate", ["●" if m in self.gate_metrics else "" for m in cols]),
-            (f"cross: {n}/{o} > {o}/{o}", [mark[self.cross[m]] if m in self.cross else "" for m in cols]),
-            (f"self: {n}/{n} > {o}/{o}", [mark[self.self_[m]] if m in self.self_ else "" for m in cols]),
+            (f"cross: {n}/{o} > {o}/{o}{how}", [mark[self.cross[m]] if m in self.cross else "" for m in cols]),
+            (f"self: {n}/{n} > {o}/{o}{how}", [mark[self.self_[m]] if m in self.self_ else "" for m in cols]),
         ]
+        if self.intervals is not None:
+            pct = f"{100 * (self.level or 0):g}%"
+            for side, label in (("cross", f"{n}/{o} − {o}/{o}"), ("self", f"{n}/{n} − {o}/{o}")):
+                d = self.intervals.get(side, {})
+                rows.append((f"{label}, points [{pct} CI]", [_fmt_points(d.get(m)) for m in cols]))
         if self.update_gain is not None:
             rows.append((f"update gain (vs {p}/{p})", [_fmt(self.update_gain.get(m)) for m in cols]))
         if self.retention is not None:
@@ -421,7 +453,8 @@ class Criterion:
         body = [[label, *cells] for label, cells in self.verdict_rows(cols)]
         lines = [_markdown_table(["verdict", *cols], body, "center")]
         verdict = "PASSED" if self.passed else "FAILED"
-        lines += ["", f"**Compatibility gate ({', '.join(self.gate_metrics)}): {verdict}**"]
+        rule = "; each difference's interval above 0" if self.require == "interval" else ""
+        lines += ["", f"**Compatibility gate ({', '.join(self.gate_metrics)}{rule}): {verdict}**"]
         lines += [f"- {r}" for r in self.reasons]
         return "\n".join(lines)
 
@@ -432,12 +465,21 @@ def criterion(
     old: str = "old",
     paragon: str | None = "paragon",
     gate_metrics: Sequence[str] = ("top1", tar_name(1e-3)),
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    require: str = "point",
+    level: float | None = None,
 ) -> Criterion:
     """Apply new/old > old/old and new/new > old/old (strict: a tie fails; NaN fails) to every metric.
 
+    require="interval" needs `intervals` {"cross": {metric: (est, lo, hi)}, "self": {...}}, the confidence
+    intervals of new/old − old/old and new/new − old/old: a check then passes only when its lower bound is > 0.
     The gate passes when every gate metric passes both. Update gain and retention need a paragon/paragon row
     (a model trained with no compatibility term); without one they are None. A zero denominator gives NaN.
     """
+    if require not in ("point", "interval"):
+        raise ValueError(f"require must be 'point' or 'interval', got {require!r}")
+    if require == "interval" and intervals is None:
+        raise ValueError("require='interval' needs the intervals of the differences")
     need = {"old/old": (old, old), "new/old": (new, old), "new/new": (new, new)}
     missing = [pair_name(*p) for p in need.values() if p not in table.rows]
     if missing:
@@ -450,16 +492,31 @@ def criterion(
     unknown = [m for m in gate_metrics if m not in metrics]
     if unknown:
         raise ValueError(f"unknown gate metric(s) {unknown}; known: {metrics}")
+    ivs: dict[str, dict[str, Interval]] | None = None
+    if intervals is not None:
+        ivs = {side: {m: tuple(float(v) for v in iv) for m, iv in intervals.get(side, {}).items()}  # type: ignore[misc]
+               for side in ("cross", "self")}  # fmt: skip
 
-    cross = {m: bool(no[m] > oo[m]) for m in metrics}  # NaN compares False
-    self_ = {m: bool(nn[m] > oo[m]) for m in metrics}
+    def ok(side: str, m: str, value: float) -> bool:
+        if require == "point":
+            return bool(value > oo[m])  # NaN compares False
+        iv = ivs[side].get(m) if ivs else None  # type: ignore[index]
+        return iv is not None and bool(iv[1] > 0)
+
+    cross = {m: ok("cross", m, no[m]) for m in metrics}
+    self_ = {m: ok("self", m, nn[m]) for m in metrics}
     reasons = []
+    pct = f"{100 * (level or 0):g}%"
     for m in gate_metrics:
-        for ok, label, value in ((cross[m], f"{new}/{old}", no[m]), (self_[m], f"{new}/{new}", nn[m])):
-            if ok:
+        for good, side, label, value in ((cross[m], "cross", f"{new}/{old}", no[m]), (self_[m], "self", f"{new}/{new}", nn[m])):
+            if good:
                 continue
             if math.isnan(value) or math.isnan(oo[m]):
                 reasons.append(f"{m}: {label} {_fmt(value)} vs {old}/{old} {_fmt(oo[m])} (NaN: not measurable)")
+            elif require == "interval" and value > oo[m]:
+                iv = ivs[side].get(m) if ivs else None  # type: ignore[index]
+                reasons.append(f"{m}: {label} − {old}/{old} = {_fmt_points(iv)} points ({pct} CI): "
+                               "the interval reaches 0, the gain is not resolved")  # fmt: skip
             else:
                 reasons.append(f"{m}: {label} {value:.4f} <= {old}/{old} {oo[m]:.4f}")
 
@@ -481,6 +538,9 @@ def criterion(
         new=new,
         old=old,
         paragon=paragon if pp is not None else None,
+        require=require,
+        level=level if intervals is not None else None,
+        intervals=ivs,
     )
 
 

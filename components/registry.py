@@ -30,6 +30,72 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name).replace("__", "_")
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """eval/metrics.json as MLflow metrics: every pair's metric of every evaluation set (the test set unprefixed,
+    others as `shift.new/old.top1`), the bootstrap interval bounds (`ci.new/old - old/old.top1.lo`), negative flips
+    (`flips.old/old -> new/old.nf_share`), and each backfill curve's AUC and points (`backfill.random.auc.top1`)."""
+    out: dict[str, float] = {}
+    sets = {"": metrics, **{f"{name}.": record for name, record in (metrics.get("sets") or {}).items()}}
+    for prefix, record in sets.items():
+        for pair, values in record.get("pairs", {}).items():
+            out.update({f"{prefix}{pair}.{m}": v for m, v in values.items() if _finite(v)})
+        boot = record.get("bootstrap") or {}
+        for group, label in (("differences", "ci"), ("intervals", "ci"), ("negative_flips", "flips")):
+            for row, cells in (boot.get(group) or {}).items():
+                for m, iv in cells.items():
+                    for bound in ("lo", "hi") if label == "ci" else ("point", "lo", "hi"):
+                        if _finite(iv.get(bound)):
+                            key = f"{prefix}{label}.{row}.{m}" + ("" if bound == "point" else f".{bound}")
+                            out[key] = float(iv[bound])
+    for order, curve in (metrics.get("backfill") or {}).items():
+        for m, v in (curve.get("auc") or {}).items():
+            if _finite(v):
+                out[f"backfill.{order}.auc.{m}"] = float(v)
+    return {metric_key(k): v for k, v in out.items()}
+
+
+def evaluation_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """What a reviewer reads on a version without opening the run: the gate rule, each difference's interval,
+    negative flips, the shifted sets' verdicts and the backfill AUCs and dips."""
+    tags: dict[str, str] = {}
+    crit = metrics.get("criterion") or {}
+    tags["gate.rule"] = crit.get("require", "point")
+    for side, cells in (crit.get("intervals") or {}).items():
+        for m, (est, lo, hi) in cells.items():
+            if all(_finite(v) for v in (est, lo, hi)):
+                tags[f"ci.{side}.{m}"] = f"{100 * est:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] points"
+    boot = metrics.get("bootstrap") or {}
+    if boot:
+        tags["ci.level"] = str(boot.get("level"))
+        tags["ci.resamples"] = str(boot.get("n_resamples"))
+    for row, cells in (boot.get("negative_flips") or {}).items():
+        iv = cells.get("nf_share") or {}
+        if all(_finite(iv.get(k)) for k in ("point", "lo", "hi")):
+            tags[f"flips.{row}"] = f"{iv['point']:.4f} [{iv['lo']:.4f}, {iv['hi']:.4f}]"
+    for name, record in (metrics.get("sets") or {}).items():
+        c = record.get("criterion") or {}
+        if name == "validation" or not c:
+            continue
+        tags[f"{name}.passed"] = str(c.get("passed"))
+        for m, ok in (c.get("cross") or {}).items():
+            tags[f"{name}.cross.{m}"] = str(ok)
+        pairs = record.get("pairs") or {}
+        for pair in ("old/old", "new/old", "new/new"):
+            v = (pairs.get(pair) or {}).get("top1")
+            if _finite(v):
+                tags[f"{name}.{pair}.top1"] = f"{v:.4f}"
+    for order, curve in (metrics.get("backfill") or {}).items():
+        for m, v in (curve.get("auc") or {}).items():
+            if _finite(v):
+                tags[f"backfill.{order}.auc.{m}"] = f"{v:.4f}"
+        tags[f"backfill.{order}.dips"] = str(curve.get("dips"))
+    return tags
+
+
 def run_url(cfg: RegisterConfig, experiment_id: str, run_id: str) -> str:
     """Where a reviewer finds the run: the tracking server's page, or the local `mlflow ui` (make mlflow-ui)."""
     base = cfg.tracking_uri if cfg.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
@@ -179,8 +245,7 @@ def _log_upgrade(
     mlflow.log_dict(cfg.as_dict(), "config/resolved_config.json")
     for role, folder in (("legacy", paths.legacy), ("new", paths.model_dir("new")), ("paragon", paths.model_dir("paragon"))):
         _log_history(f"train.{role}", folder / "history.json")
-    for pair, values in metrics["pairs"].items():
-        mlflow.log_metrics({metric_key(f"{pair}.{m}"): float(v) for m, v in values.items() if v is not None and v == v})
+    mlflow.log_metrics(evaluation_metrics(metrics))
     mlflow.log_artifact(str(paths.eval / "table.md"), "compatibility")
     mlflow.log_artifact(str(paths.eval / "metrics.json"), "compatibility")
     for roc in sorted(paths.eval.glob("roc_*.csv")):
@@ -190,6 +255,7 @@ def _log_upgrade(
     for report in sorted(paths.reports.glob("*.md")):
         mlflow.log_artifact(str(report), "validation")
     tags = {metric_key(k): v for k, v in decision.tags.items()}
+    tags.update({metric_key(k): v for k, v in evaluation_tags(metrics).items()})
     tags.update({f"hash.{k}": v for k, v in fingerprint.items()})
     mlflow.set_tags(tags)
     return tags

@@ -18,7 +18,7 @@ import torch
 from components.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LegacyConfig, OldConfig, TrainConfig
 from components.errors import ConfigError, DataError
 from components import keys
-from components.io import atomic_dir, file_sha256, save_npy, tree_sha256, write_json, write_text
+from components.io import atomic_dir, atomic_path, file_sha256, save_npy, tree_sha256, write_json, write_text
 from components.paths import Paths
 from components.progress import bar
 
@@ -201,6 +201,14 @@ def legacy(
                 )  # fmt: skip
             backbone.eval()
             save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
+            # The old classifier, by identity: BCT's influence loss uses its rows for the classes it saw.
+            weight = head.fc.weight if isinstance(head, SoftmaxHead) else head.weight  # [C_old, d]
+            manifest = load_manifest(paths)
+            old_rows = manifest[manifest["split"] == "old_train"]
+            names = old_rows.groupby("label")["identity"].first().sort_index()
+            with atomic_path(out / "head.npz", suffix=".npz") as tmp:
+                np.savez(tmp, weight=weight.detach().float().numpy(), identities=names.to_numpy().astype(str),
+                         head=np.array(cfg.head))  # fmt: skip
             export_onnx(backbone, out / "model.onnx", image_size)
             gallery_images, _ = split_arrays(paths, "gallery")
             parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
@@ -219,7 +227,7 @@ def legacy(
 
 
 # What the legacy stage writes itself: an imported model's external data files must not land on these.
-_LEGACY_NAMES = frozenset({"model.onnx", "model.pt", "gallery.npy", "info.json", "history.json", "history.csv"})
+_LEGACY_NAMES = frozenset({"model.onnx", "model.pt", "gallery.npy", "info.json", "history.json", "history.csv", "head.npz"})
 
 
 def _copy_model(src: Path, out: Path) -> str:
@@ -358,14 +366,39 @@ def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: 
 
 
 def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", threads: int = 2) -> dict[str, Any]:
-    """Train the new model (role "new": cfg.method) or the paragon (role "paragon": method "none")."""
+    """Train the new model (role "new": cfg.method) or the paragon (role "paragon": method "none").
+
+    A training-free method (procrustes, slerp, adapter: components/training_free.py) trains no compatibility term:
+    its new model is the paragon (same recipe, same checkpoint: trained once) followed by a map fitted on the
+    support set, exported as one model."""
     from components.embed import export_onnx, onnx_parity, save_backbone
+    from components.training_free import TRAINING_FREE
+
+    if role == "new" and cfg.method in TRAINING_FREE:
+        return _train_free(cfg, image_size, paths, threads)
+    method_name = cfg.method if role == "new" else "none"
+    backbone, history = _fit_backbone(cfg, image_size, paths, role, method_name)
+    gallery_images, _ = split_arrays(paths, "gallery")
+    with atomic_dir(paths.model_dir(role)) as out:
+        save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
+        export_onnx(backbone, out / "model.onnx", image_size)
+        parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
+        write_json(out / "history.json", history)
+        _write_history_csv(out / "history.csv", history)
+        info = {"role": role, "method": method_name, "epochs": cfg.epochs, "onnx_parity": parity}
+        write_json(out / "info.json", info)
+    return info
+
+
+def _fit_backbone(
+    cfg: TrainConfig, image_size: int, paths: Paths, role: str, method_name: str
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Train (or resume, or reuse a finished checkpoint of) `role`'s backbone with `method_name`; eval mode."""
     from components.losses import build_method
     from components.models import build_backbone
     from components.task import CompatibleTask
     from components.train import LoopConfig, TrainArrays, fit
 
-    method_name = cfg.method if role == "new" else "none"
     torch.manual_seed(cfg.seed)
     images, labels = split_arrays(paths, "new_train")
     n_classes = int(labels.max()) + 1
@@ -391,6 +424,10 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", th
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, hflip=cfg.hflip, seed=cfg.seed,
     )  # fmt: skip
+    if method.accepts_old_classifier:
+        rows, known = _old_classifier(paths, n_classes, cfg.embedding_dim)
+        if known.any():
+            method.set_old_classifier(torch.from_numpy(rows), torch.from_numpy(known))
     task = CompatibleTask(backbone, method)
     steps = (len(labels) // cfg.batch_size) * cfg.epochs
     with bar(f"train {role} ({cfg.arch}, method={method_name})", steps) as advance:
@@ -400,14 +437,100 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", th
             progress=lambda s, t: advance(1),
         )  # fmt: skip
     backbone.eval()
+    return backbone, history
+
+
+def _old_classifier(paths: Paths, n_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The old head's row for each new-training class whose identity the old model was trained on ([C_new, d],
+    known [C_new] bool); nothing known when the old model was brought (no head) or the classes are disjoint
+    (open-class)."""
+    rows, known = np.zeros((n_classes, dim), dtype=np.float32), np.zeros(n_classes, dtype=bool)
+    head = paths.legacy / "head.npz"
+    if not head.is_file():
+        return rows, known
+    with np.load(head, allow_pickle=False) as z:
+        weight, identities = z["weight"], z["identities"]
+    if weight.shape[1] != dim:
+        return rows, known
+    index = {name: i for i, name in enumerate(identities.tolist())}
+    manifest = load_manifest(paths)
+    new_rows = manifest[manifest["split"] == "new_train"]
+    for label, name in new_rows.groupby("label")["identity"].first().items():
+        if name in index:
+            rows[int(label)], known[int(label)] = weight[index[name]], True
+    return rows, known
+
+
+def _torch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Raw embeddings [n, d] float32 of a torch model (eval mode, no grad), in input order."""
+    from components.preprocess import to_input
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            out.append(model.eval()(to_input(chunk)).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -> dict[str, Any]:
+    """procrustes / slerp / adapter: the paragon's backbone plus a map fitted on the support set (the new training
+    images, embedded by the paragon and, in the extract stage, by the old model). SLERP's weight, when not fixed,
+    is chosen on the validation identities: the a whose top-1 min(new/old − old/old, new/new − old/old) is the
+    highest (components.training_free.choose_slerp_weight). Test identities are never read here."""
+    from components.embed import export_onnx, load_backbone, load_embedder, onnx_parity, save_composite
+    from components.evaluate import retrieval_metrics
+    from components.training_free import build_training_free
+
+    backbone, history = _fit_backbone(cfg, image_size, paths, "paragon", "none")  # the paragon's checkpoint
+    images, _ = split_arrays(paths, "new_train")
+    new_feats = _torch_features(backbone, images)
+    old_feats = np.load(paths.old_features / "features.npy")
+    old_backbone, old_meta = None, None
+    if cfg.method == "slerp":
+        old_pt = paths.legacy / "model.pt"
+        if not old_pt.is_file():
+            raise ConfigError(
+                f"train.method slerp runs the old model inside the exported graph and needs it as a torch checkpoint "
+                f"({old_pt} is absent: the old model is {old_model_path(paths).name}); use procrustes or adapter"
+            )
+        old_backbone, old_meta = load_backbone(old_pt)
+    score = None
+    val_images, val_labels = {}, {}
+    for split in ("val_query", "val_gallery"):
+        val_images[split], val_labels[split] = split_arrays(paths, split)
+    if len(val_labels["val_query"]) and len(val_labels["val_gallery"]):
+        old_emb = load_embedder(old_model_path(paths), threads=threads)
+        from components.embed import extract
+
+        old_val = {k: extract(old_emb, v) for k, v in val_images.items()}
+        new_val = {k: _torch_features(backbone, v) for k, v in val_images.items()}
+        yq, yb = val_labels["val_query"], val_labels["val_gallery"]
+        base = retrieval_metrics(old_val["val_query"], yq, old_val["val_gallery"], yb, ks=(1,))["top1"]
+
+        def score(feature_map: Any) -> float:
+            q = feature_map(new_val["val_query"], old_val["val_query"])
+            g = feature_map(new_val["val_gallery"], old_val["val_gallery"])
+            cross = retrieval_metrics(q, yq, old_val["val_gallery"], yb, ks=(1,))["top1"] - base
+            self_ = retrieval_metrics(q, yq, g, yb, ks=(1,))["top1"] - base
+            return float(min(cross, self_))
+
+    if cfg.method == "slerp" and cfg.method_args.get("weight") is None and score is None:
+        raise ConfigError("train.method_args.weight: null means chosen on the validation split, but there is none "
+                          "(data.val_identities is 0): set a weight or a validation split")  # fmt: skip
+    module, fitted = build_training_free(cfg.method, backbone, old_backbone, new_feats, old_feats, cfg.method_args, score)
+    parts = {"new": {"arch": cfg.arch, "embedding_dim": cfg.embedding_dim, "image_size": image_size}}
+    if old_meta is not None:
+        parts["old"] = {k: old_meta[k] for k in ("arch", "embedding_dim", "image_size")}
     gallery_images, _ = split_arrays(paths, "gallery")
-    with atomic_dir(paths.model_dir(role)) as out:
-        save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
-        export_onnx(backbone, out / "model.onnx", image_size)
-        parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
+    with atomic_dir(paths.model_dir("new")) as out:
+        save_composite(module, out / "model.pt", parts)
+        export_onnx(module, out / "model.onnx", image_size)
+        parity = onnx_parity(module, out / "model.onnx", gallery_images[:64], threads=threads)
         write_json(out / "history.json", history)
         _write_history_csv(out / "history.csv", history)
-        info = {"role": role, "method": method_name, "epochs": cfg.epochs, "onnx_parity": parity}
+        info = {"role": "new", "method": cfg.method, "epochs": cfg.epochs, "onnx_parity": parity,
+                "training_free": fitted, "chosen_on": "validation" if score is not None else None}  # fmt: skip
         write_json(out / "info.json", info)
     return info
 
@@ -415,45 +538,150 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", th
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, Any]:
-    """Cross-model table over old/old, new/old, new/new (+ paragon rows) and the compatibility criterion.
+# Evaluation sets: name -> (query split, gallery split, what it is). The old model's gallery of the in-domain test set
+# is the stored legacy gallery file (what production serves); on the other sets the old model embeds the images.
+EVAL_SETS: dict[str, tuple[str, str, str]] = {
+    "test": ("query", "gallery", "in-domain test identities: the reported numbers and the gate"),
+    "shift_query": ("shift_query", "gallery", "shifted queries (another style) against the in-domain gallery"),
+    "shift": ("shift_query", "shift_gallery", "gallery and queries both in the shifted style"),
+    "validation": ("val_query", "val_gallery", "validation identities: where every choice is made"),
+}
+CROSS, SELF = ("new/old", "old/old"), ("new/new", "old/old")
 
-    The old gallery side is the stored legacy gallery file, exactly what production serves; it is never
-    re-embedded.
+
+def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, Any]:
+    """Cross-model tables over old/old, new/old, new/new (+ paragon rows) with paired-bootstrap intervals and
+    negative flips, on the in-domain test set, the shifted sets and the validation set; the compatibility
+    criterion (on the intervals by default); the partial-backfill curves of the test gallery.
+
+    The old gallery side of the test set is the stored legacy gallery file, exactly what production serves; it is
+    never re-embedded. metrics.json keeps the test set's `pairs` and `criterion` at the top (what the gate reads)
+    and every other set under `sets`.
     """
     from components.embed import extract, load_embedder
-    from components.evaluate import compatibility_table, criterion
+    from components.plots import backfill_png, roc_png, training_png
+    from components.stats import backfill_curves
 
     manifest = load_manifest(paths)
-    query_images, yq = split_arrays(paths, "query")
-    gallery_images, yb = split_arrays(paths, "gallery")
-    old = load_embedder(old_model_path(paths), threads=threads)
-    features = {"old": (extract(old, query_images), np.load(gallery_path(paths)).astype(np.float32))}
-    pairs = [("old", "old")]
+    counts = manifest["split"].value_counts()
+    models = {"old": load_embedder(old_model_path(paths), threads=threads)}
     for role in ("new", "paragon"):
         model = paths.model_dir(role) / "model.onnx"
         if model.is_file():
-            emb = load_embedder(model, threads=threads)
-            features[role] = (extract(emb, query_images), extract(emb, gallery_images))
-            pairs += [(role, "old"), (role, role)]
-    if "new" not in features:
+            models[role] = load_embedder(model, threads=threads)
+    if "new" not in models:
         raise DataError(f"{paths.model_dir('new') / 'model.onnx'}: new model not found (run the train stage first)")
-    _validate_new_gallery(paths, features["new"][1], len(manifest[manifest["split"] == "gallery"]))
-    table = compatibility_table(features, yq, yb, pairs)
-    verdict = criterion(table, gate_metrics=cfg.gate_metrics, paragon="paragon" if "paragon" in features else None)
+    pairs = [("old", "old")] + [p for role in ("new", "paragon") if role in models for p in ((role, "old"), (role, role))]
+    cache: dict[tuple[str, str], np.ndarray] = {}  # (model, split) -> features
+
+    def feats(model: str, split: str) -> np.ndarray:
+        if (model, split) not in cache:
+            if model == "old" and split == "gallery":
+                cache[model, split] = np.load(gallery_path(paths)).astype(np.float32)
+            else:
+                cache[model, split] = extract(models[model], split_arrays(paths, split)[0])
+        return cache[model, split]
+
+    results: dict[str, dict[str, Any]] = {}
+    tables: dict[str, Any] = {}
+    for name, (q_split, g_split, _) in EVAL_SETS.items():
+        if counts.get(q_split, 0) == 0 or counts.get(g_split, 0) == 0:
+            continue  # no shifted set (data.shift: none) or no validation split (data.val_identities: 0)
+        yq, yb = split_arrays(paths, q_split)[1], split_arrays(paths, g_split)[1]
+        features = {m: (feats(m, q_split), feats(m, g_split)) for m in models}
+        if name == "test":
+            _validate_new_gallery(paths, features["new"][1], int(counts["gallery"]))
+        tables[name], results[name] = _evaluate_set(cfg, features, yq, yb, pairs, "paragon" in models)
+    test = results["test"]
+    verdict = _gate_extras(cfg, tables["test"][1], results)
+    test["criterion"] = verdict.to_dict()
+
+    yq, yb = split_arrays(paths, "query")[1], split_arrays(paths, "gallery")[1]
+    betas = tuple(round(i / cfg.backfill_steps, 10) for i in range(cfg.backfill_steps + 1))
+    curves = backfill_curves(feats("new", "query"), yq, feats("old", "gallery"), feats("new", "gallery"), yb,
+                             tables["test"][0].rows[("old", "old")], betas=betas, seed=cfg.bootstrap_seed)  # fmt: skip
+    backfill = {order: curve.to_dict() for order, curve in curves.items()}
     with atomic_dir(paths.eval) as out:
-        write_json(out / "metrics.json", {"pairs": table.to_dict(), "criterion": verdict.to_dict()})
-        write_text(out / "table.md", table.markdown(verdict))
-        for (q, g), roc in table.rocs.items():
+        write_json(out / "metrics.json", {
+            "pairs": test["pairs"], "criterion": test["criterion"], "bootstrap": test["bootstrap"],
+            "backfill": backfill, "sets": {k: v for k, v in results.items() if k != "test"},
+        })  # fmt: skip
+        write_text(out / "table.md", _report_markdown(tables, verdict, curves))
+        write_json(out / "backfill.json", backfill)
+        for (q, g), roc in tables["test"][0].rocs.items():
             frame = pd.DataFrame({"fpr": roc["fpr"], "tpr": roc["tpr"]})
             frame["pair"] = f"{q}/{g}"
             _write_history_csv(out / f"roc_{q}_{g}.csv", frame.to_dict("records"))
-        from components.plots import roc_png, training_png
-
-        roc_png(table.rocs, out / "roc.png")
+        roc_png(tables["test"][0].rocs, out / "roc.png")
+        backfill_png(curves, tables["test"][0].rows[("old", "old")], out / "backfill.png")
         roles = {"legacy": paths.legacy, "new": paths.model_dir("new"), "paragon": paths.model_dir("paragon")}
         training_png({role: folder / "history.json" for role, folder in roles.items()}, out / "training.png")
     return {"passed": verdict.passed, "reasons": verdict.reasons, "table": str(paths.eval / "table.md")}
+
+
+def _evaluate_set(
+    cfg: EvaluateConfig,
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
+    yq: np.ndarray,
+    yb: np.ndarray,
+    pairs: list[tuple[str, str]],
+    paragon: bool,
+) -> tuple[tuple[Any, Any, Any], dict[str, Any]]:
+    """One evaluation set: the table, the paired bootstrap (every metric, the criterion's two differences, negative
+    flips of new/old and new/new against old/old) and the criterion. Returns ((table, criterion, bootstrap), the
+    JSON record)."""
+    from components.evaluate import compatibility_table, criterion
+    from components.stats import bootstrap_intervals, collect_pair_scores, diff_name
+
+    table = compatibility_table(features, yq, yb, pairs)
+    scores = collect_pair_scores(features, yq, yb, pairs)
+    boot = bootstrap_intervals(
+        scores, yq, diffs=[CROSS, SELF], flips=[("old/old", "new/old"), ("old/old", "new/new")],
+        n_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed, level=cfg.confidence,
+    )  # fmt: skip
+    intervals = {side: {m: (iv.point, iv.lo, iv.hi) for m, iv in boot.differences[diff_name(*d)].items()}
+                 for side, d in (("cross", CROSS), ("self", SELF))}  # fmt: skip
+    verdict = criterion(table, gate_metrics=cfg.gate_metrics, paragon="paragon" if paragon else None,
+                        intervals=intervals, require=cfg.gate_on, level=cfg.confidence)  # fmt: skip
+    record = {"pairs": table.to_dict(), "criterion": verdict.to_dict(), "bootstrap": boot.to_dict(),
+              "queries": len(yq), "gallery": len(yb), "identities": int(len(np.unique(yq)))}  # fmt: skip
+    return (table, verdict, boot), record
+
+
+def _gate_extras(cfg: EvaluateConfig, verdict: Any, results: dict[str, dict[str, Any]]) -> Any:
+    """The test set's criterion plus the optional gates: the shifted set's criterion (evaluate.gate_shift) and a
+    bound on new/old's negative flips (evaluate.max_negative_flips)."""
+    import dataclasses
+
+    from components.stats import flip_name
+
+    reasons = list(verdict.reasons)
+    if cfg.gate_shift:
+        shift = results.get("shift")
+        if shift is None:
+            reasons.append("evaluate.gate_shift: no shifted evaluation set (data.shift is none)")
+        elif not shift["criterion"]["passed"]:
+            reasons += [f"shifted set: {r}" for r in shift["criterion"]["reasons"]]
+    if cfg.max_negative_flips is not None:
+        share = results["test"]["bootstrap"]["negative_flips"][flip_name("old/old", "new/old")]["nf_share"]
+        if not share["point"] <= cfg.max_negative_flips:
+            reasons.append(f"negative flips: {share['point']:.4f} of the queries old/old gets right are wrong under "
+                           f"new/old, above evaluate.max_negative_flips = {cfg.max_negative_flips:g}")  # fmt: skip
+    return dataclasses.replace(verdict, reasons=reasons, passed=not reasons)
+
+
+def _report_markdown(tables: dict[str, Any], verdict: Any, curves: dict[str, Any]) -> str:
+    """table.md: the test table and gate, its intervals and flips, the backfill curves, then the other sets."""
+    table, _, boot = tables["test"]
+    parts = [table.markdown(verdict), "", boot.markdown()]
+    parts += ["## Partial backfill (test gallery, new queries)", ""]
+    parts += [curve.markdown() for curve in curves.values()]
+    for name, (q_split, g_split, what) in EVAL_SETS.items():
+        if name == "test" or name not in tables:
+            continue
+        t, v, b = tables[name]
+        parts += [f"## {name}: {what} ({q_split} vs {g_split})", "", t.markdown(v), "", b.markdown()]
+    return "\n".join(parts)
 
 
 def _validate_new_gallery(paths: Paths, gallery: np.ndarray, n_gallery: int) -> None:

@@ -25,10 +25,17 @@ import pandas as pd
 from components.errors import ValidationFailed
 from components.io import write_text
 
-SPLITS = ("old_train", "new_train", "gallery", "query")
+SPLITS = ("old_train", "new_train", "gallery", "query", "val_gallery", "val_query", "shift_gallery", "shift_query")
 COLUMNS = ("id", "source", "sample", "identity", "split", "label")
-GROUP_OF_SPLIT = {"old_train": "old_train", "new_train": "new_train", "gallery": "test", "query": "test"}
-GROUPS = ("old_train", "new_train", "test")  # label groups: gallery and query share the test labels
+# Label groups: gallery, query and the shifted set share the test labels; validation has its own.
+GROUP_OF_SPLIT = {
+    "old_train": "old_train", "new_train": "new_train",
+    "gallery": "test", "query": "test", "shift_gallery": "test", "shift_query": "test",
+    "val_gallery": "val", "val_query": "val",
+}  # fmt: skip
+GROUPS = ("old_train", "new_train", "test", "val")
+# Evaluation groups and the splits that enrol and query their identities.
+_ENROL = {"test": ("gallery", "query"), "val": ("val_gallery", "val_query")}
 INT_TYPES = ["int64", "int32", "int16", "int8", "Int64", "Int32", "Int16", "Int8"]
 N_EXAMPLES = 5  # offending values named per failure line
 _DATA_SOURCE = "components-validation"
@@ -301,11 +308,16 @@ def _manifest_table(
     # Class sizes, per label group (gallery + query together for the test group).
     df["class_count"] = df.groupby(["group", "label"], dropna=True)["id"].transform("size").astype("Int64")
     test = df["group"] == "test"
-    for split in ("gallery", "query"):
-        counts = df.loc[test & (df["split"] == split)].groupby("identity").size()
+    evaluated = df["group"].isin(list(_ENROL))
+    for i, side in enumerate(("gallery", "query")):
         column = pd.Series(pd.NA, index=df.index, dtype="Int64")
-        column[test] = df.loc[test, "identity"].map(counts).fillna(0).astype("int64")
-        df[f"{split}_count"] = column
+        for group, splits in _ENROL.items():
+            rows = df["group"] == group
+            if not rows.any():
+                continue
+            counts = df.loc[rows & (df["split"] == splits[i])].groupby("identity").size()
+            column[rows] = df.loc[rows, "identity"].map(counts).fillna(0).astype("int64")
+        df[f"{side}_count"] = column
     # Disjointness: a rendering lives in one split; with shared_train_samples the old and new training sets
     # may share renderings (extended scenarios), never with gallery or query.
     partition = df["split"]
@@ -316,7 +328,11 @@ def _manifest_table(
     )
     train_identities = set(df.loc[df["group"].isin(["old_train", "new_train"]), "identity"])
     df["in_train_identity"] = pd.Series(pd.NA, index=df.index, dtype="boolean")
-    df.loc[test, "in_train_identity"] = df.loc[test, "identity"].isin(train_identities)
+    df.loc[evaluated, "in_train_identity"] = df.loc[evaluated, "identity"].isin(train_identities)
+    val = df["group"] == "val"
+    df["in_test_identity"] = pd.Series(pd.NA, index=df.index, dtype="boolean")
+    if val.any():
+        df.loc[val, "in_test_identity"] = df.loc[val, "identity"].isin(set(df.loc[test, "identity"]))
     return df, errors
 
 
@@ -360,18 +376,21 @@ def _manifest_suite(gx: Any, num_classes: Mapping[str, int], complete: bool, sha
     e += [
         _expect(gx, "ExpectColumnValuesToBeBetween", "every class has >= 2 samples (per label group)",
                 ["split", "identity", "label", "class_count"], column="class_count", min_value=2),
-        _expect(gx, "ExpectColumnValuesToBeBetween", "every test identity has >= 1 gallery sample",
-                ["identity", "gallery_count"], column="gallery_count", min_value=1),
-        _expect(gx, "ExpectColumnValuesToBeBetween", "every test identity has >= 1 query sample",
-                ["identity", "query_count"], column="query_count", min_value=1),
+        _expect(gx, "ExpectColumnValuesToBeBetween", "every test and validation identity has >= 1 gallery sample",
+                ["split", "identity", "gallery_count"], column="gallery_count", min_value=1),
+        _expect(gx, "ExpectColumnValuesToBeBetween", "every test and validation identity has >= 1 query sample",
+                ["split", "identity", "query_count"], column="query_count", min_value=1),
         _expect(gx, "ExpectCompoundColumnsToBeUnique", "no rendering appears twice in one split",
                 ["split", "source", "sample"], column_list=["split", "source", "sample"]),
         _expect(gx, "ExpectColumnValuesToBeInSet",
                 "splits are disjoint: each (source, sample) rendering is used by one split"
                 + (" (old_train and new_train may share)" if shared else ""),
                 ["split", "source", "sample"], column="rendering_splits", value_set=[1]),
-        _expect(gx, "ExpectColumnValuesToBeInSet", "test identities never appear in old_train or new_train",
-                ["identity"], column="in_train_identity", value_set=[False]),
+        _expect(gx, "ExpectColumnValuesToBeInSet",
+                "test and validation identities never appear in old_train or new_train",
+                ["split", "identity"], column="in_train_identity", value_set=[False]),
+        _expect(gx, "ExpectColumnValuesToBeInSet", "validation identities never appear in the test set",
+                ["split", "identity"], column="in_test_identity", value_set=[False]),
         _expect(gx, "ExpectColumnValuesToBeUnique", "sample ids are unique", ["id"], column="id"),
     ]  # fmt: skip
     return e

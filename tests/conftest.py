@@ -73,9 +73,12 @@ def registry_inputs_in(root: Path, compatible: bool) -> tuple[Any, dict[str, str
     """
     import numpy as np
 
+    from components.config import EvaluateConfig
     from components.embed import export_onnx, save_backbone
-    from components.evaluate import compatibility_table, criterion
     from components.io import write_json
+    from components.plots import backfill_png
+    from components.stages import _evaluate_set
+    from components.stats import backfill_curves
     from components.models import build_backbone
     from components.paths import Paths
 
@@ -90,12 +93,14 @@ def registry_inputs_in(root: Path, compatible: bool) -> tuple[Any, dict[str, str
     else:  # a rotated space: good alone, useless against the old gallery
         rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
         new = ((centres[yq] + 0.3 * rng.standard_normal((len(yq), d))) @ rot, (centres[yb] + 0.3 * rng.standard_normal((n_id, d))) @ rot)
-    table = compatibility_table({"old": old, "new": new}, yq, yb, [("old", "old"), ("new", "old"), ("new", "new")])
-    verdict = criterion(table, paragon=None)
+    features = {"old": old, "new": new}
+    (table, verdict, _), record = _evaluate_set(EvaluateConfig(), features, yq, yb, [("old", "old"), ("new", "old"), ("new", "new")], False)
     assert verdict.passed == compatible
+    curves = backfill_curves(new[0], yq, old[1], new[1], yb, table.rows[("old", "old")])
     paths.eval.mkdir(parents=True)
-    write_json(paths.eval / "metrics.json", {"pairs": table.to_dict(), "criterion": verdict.to_dict()})
+    write_json(paths.eval / "metrics.json", {**record, "backfill": {o: c.to_dict() for o, c in curves.items()}})
     (paths.eval / "table.md").write_text(table.markdown(verdict))
+    backfill_png(curves, table.rows[("old", "old")], paths.eval / "backfill.png")
     # the pieces registration reads: a real model + ONNX export, the legacy info, gallery images for parity
     model = build_backbone("small_cnn", d, 32).eval()
     paths.model_dir("new").mkdir(parents=True)

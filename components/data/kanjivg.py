@@ -50,19 +50,26 @@ def _is_base_form(path: Path) -> bool:
     return path.suffix == ".svg" and "-" not in path.stem
 
 
+def _is_copied(path: Path) -> bool:
+    # Base forms (the identities) and their "Kaisho" handwritten-style forms (the shifted evaluation set).
+    return _is_base_form(path) or (path.suffix == ".svg" and path.stem.endswith("-Kaisho") and path.stem.count("-") == 1)
+
+
 def _copy_base_forms(source: Path, dest: Path) -> int:
-    """Copy `source`'s base-form SVGs into `dest`, replacing it atomically; returns the count."""
-    files = sorted(p for p in source.iterdir() if _is_base_form(p))
-    if not files:
+    """Copy `source`'s base-form SVGs and their Kaisho variants into `dest`, replacing it atomically; returns the
+    number of base forms (identities)."""
+    files = sorted(p for p in source.iterdir() if _is_copied(p))
+    if not any(_is_base_form(p) for p in files):
         raise DataError(f"{source}: no base-form SVG files")
     with atomic_dir(dest) as tmp:
         for p in files:
             shutil.copyfile(p, tmp / p.name)  # bytes only: no mtimes, so the folder hash is deterministic
-    return len(files)
+    return sum(_is_base_form(p) for p in files)
 
 
 def copy_source(dest: Path) -> int:
-    """Copy the package's base-form SVGs into `dest` atomically, so a pipeline stage can own and hash them."""
+    """Copy the package's base-form SVGs (and Kaisho variants) into `dest` atomically, so a pipeline stage can own
+    and hash them."""
     return _copy_base_forms(package_source(), Path(dest))
 
 
@@ -308,4 +315,4 @@ if __name__ == "__main__":  # `python -m components.data.kanjivg data/kanjivg`: 
     import sys
 
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "data/kanjivg")
-    print(f"copied {copy_source(target)} KanjiVG SVG files into {target}")
+    print(f"copied {copy_source(target)} KanjiVG characters (and their Kaisho variant forms) into {target}")

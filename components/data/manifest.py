@@ -3,8 +3,14 @@
 Splits follow method.md's upgrade scenarios. Identities are ordered by a seeded hash, so the same seed gives
 the same splits on any machine, and identity sets never depend on file-system order:
 - test identities (never trained on) come first, each with a gallery set and a query set of different samples;
+- validation identities are the last `val_identities` of that order: disjoint from training and test, with
+  their own gallery and query sets (`val_gallery`, `val_query`). Every choice (a method's weight, SLERP's a, a
+  configuration) is made on them; test identities are touched only for the numbers reported;
 - the rest is the training pool; its first `old_fraction` of classes (-class scenarios) or of each class's
-  samples (-data scenarios) is the old model's; "open" gives the new model the rest, "extended" all of it.
+  samples (-data scenarios) is the old model's; "open" gives the new model the rest, "extended" all of it;
+- a shifted evaluation set (`shift_gallery`, `shift_query`): the test identities drawn in another style (KanjiVG's
+  handwritten-style "Kaisho" variant forms, for the test characters that have one), as fresh renderings. It
+  shares the test labels, so a shifted query can be searched against the in-domain gallery too.
 """
 
 from __future__ import annotations
@@ -22,8 +28,16 @@ import pandas as pd
 from components.config import DataConfig
 from components.errors import DataError
 
-SPLITS = ("old_train", "new_train", "gallery", "query")
+SPLITS = ("old_train", "new_train", "gallery", "query", "val_gallery", "val_query", "shift_gallery", "shift_query")
+# Label spaces: each group numbers its identities 0..n-1 on its own; shifted rows share the test labels.
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {
+    "old_train": ("old_train",),
+    "new_train": ("new_train",),
+    "test": ("gallery", "query", "shift_gallery", "shift_query"),
+    "val": ("val_gallery", "val_query"),
+}
 COLUMNS = ["id", "source", "sample", "identity", "split", "label"]
+SHIFT_VARIANT = "Kaisho"  # KanjiVG's handwritten-style variant forms: the shifted evaluation set
 
 
 def _rank(seed: int, name: str) -> str:
@@ -45,18 +59,22 @@ def _assign(
     cfg: DataConfig,
     identities: dict[str, list[Item]],  # identity -> its samples (all of them)
     train_limit: int | None,
+    shifted: dict[str, list[Item]] | None = None,  # test identity -> its samples in the shifted style
 ) -> pd.DataFrame:
     order = _ordered(cfg.seed, identities)
-    if len(order) < cfg.test_identities + 2:
+    n_test, n_val = cfg.test_identities, cfg.validation_identities
+    if len(order) < n_test + n_val + 2:
         raise DataError(
-            f"{cfg.root}: {len(order)} identities, but data.test_identities={cfg.test_identities} plus at least "
-            "2 training identities are needed"
+            f"{cfg.root}: {len(order)} identities, but data.test_identities={n_test}, data.val_identities={n_val} "
+            "and at least 2 training identities are needed"
         )
-    test, pool = order[: cfg.test_identities], order[cfg.test_identities :]
+    test, pool = order[:n_test], order[n_test : len(order) - n_val]
+    val = order[len(order) - n_val :] if n_val else []
     if train_limit is not None:
         if len(pool) < train_limit:
             raise DataError(
-                f"{cfg.root}: only {len(pool)} identities left for training, data.train_identities={train_limit}"
+                f"{cfg.root}: only {len(pool)} identities left for training after {n_test} test and {n_val} "
+                f"validation identities, data.train_identities={train_limit}"
             )
         pool = pool[:train_limit]
     rows: list[tuple[str, int, str, str]] = []  # source, sample, identity, split
@@ -73,15 +91,26 @@ def _assign(
             new_items = items if cfg.scenario == "extended-data" else items[k:]
         rows += [(it.source, it.sample, ident, "old_train") for it in old_items]
         rows += [(it.source, it.sample, ident, "new_train") for it in new_items]
-    for ident in test:
-        items = identities[ident]
-        g = min(cfg.gallery_per_identity, max(1, len(items) - 1))
-        rows += [(it.source, it.sample, ident, "gallery") for it in items[:g]]
-        rows += [(it.source, it.sample, ident, "query") for it in items[g : g + cfg.query_per_identity]]
+
+    def enrol(members: list[str], table: dict[str, list[Item]], prefix: str) -> None:
+        for ident in members:
+            items = table.get(ident, [])
+            if not items:
+                continue
+            g = min(cfg.gallery_per_identity, max(1, len(items) - 1))
+            rows.extend((it.source, it.sample, ident, f"{prefix}gallery") for it in items[:g])
+            rows.extend((it.source, it.sample, ident, f"{prefix}query") for it in items[g : g + cfg.query_per_identity])
+
+    enrol(test, identities, "")
+    enrol(val, identities, "val_")
+    if shifted:
+        enrol(test, shifted, "shift_")
     df = pd.DataFrame(rows, columns=["source", "sample", "identity", "split"])
     df["label"] = -1
-    for group in (("old_train",), ("new_train",), ("gallery", "query")):
+    for group in LABEL_GROUPS.values():
         mask = df["split"].isin(group)
+        if not mask.any():
+            continue
         names = sorted(df.loc[mask, "identity"].unique())
         lookup = {n: i for i, n in enumerate(names)}
         df.loc[mask, "label"] = df.loc[mask, "identity"].map(lookup)
@@ -98,10 +127,18 @@ def kanjivg_manifest(cfg: DataConfig) -> pd.DataFrame:
         raise DataError(f"{root}: no KanjiVG SVG files (run `make data` to copy them from the kanjivg package)")
     n_test = cfg.gallery_per_identity + cfg.query_per_identity
     identities: dict[str, list[Item]] = {}
+    shifted: dict[str, list[Item]] = {}
     for path in files:
         identities[path.stem] = [Item(str(path), i, path.stem) for i in range(max(cfg.samples_per_identity, n_test))]
+        variant = path.with_name(f"{path.stem}-{SHIFT_VARIANT}.svg")
+        if cfg.shift_style == "kaisho" and variant.is_file():
+            # Rendering indices after the test ones: new draws of the jitter, not the in-domain samples' twins.
+            shifted[path.stem] = [Item(str(variant), n_test + i, path.stem) for i in range(n_test)]
+    if cfg.shift_style == "kaisho" and not shifted:
+        raise DataError(f"{root}: no *-{SHIFT_VARIANT}.svg variant forms for the shifted set (`make data` copies them from the kanjivg package, or "
+                        "set data.shift: none)")  # fmt: skip
     # Training identities use samples [0, samples_per_identity); test identities [0, gallery + query).
-    df = _assign(cfg, identities, cfg.train_identities)
+    df = _assign(cfg, identities, cfg.train_identities, shifted)
     train = df["split"].isin(["old_train", "new_train"])
     return df[~train | (df["sample"] < cfg.samples_per_identity)].reset_index(drop=True)
 
@@ -206,4 +243,4 @@ def num_classes(manifest: pd.DataFrame) -> dict[str, int]:
     def count(splits: tuple[str, ...]) -> int:
         return int(manifest.loc[manifest["split"].isin(splits), "identity"].nunique())
 
-    return {"old_train": count(("old_train",)), "new_train": count(("new_train",)), "test": count(("gallery", "query"))}
+    return {group: count(splits) for group, splits in LABEL_GROUPS.items()}

@@ -57,7 +57,7 @@ def test_corrupt_image_stops_before_anything_is_written(tmp_path: Path) -> None:
             Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(root / f"id{i}" / f"{j}.png")
     (root / "id3" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"data": {"source": "imagefolder", "root": str(root), "test_identities": 3},
+    p.write_text(yaml.safe_dump({"data": {"source": "imagefolder", "root": str(root), "test_identities": 3, "val_identities": 0},
                                  "legacy": {"batch_size": 4}, "train": {"batch_size": 4}}))
     result = _stage("prepare", p, tmp_path / "work")
     assert result.exit_code == 1

@@ -37,7 +37,7 @@ def test_expansion_is_the_union_of_block_cross_products(tmp_path: Path) -> None:
 
 
 def test_named_grids_are_valid_and_unknown_names_fail() -> None:
-    for name in ("quick", "full"):
+    for name in ("quick", "full", "select-default"):
         grid = bm.load_grid(name, ROOT / "benchmarks/grid.yaml")
         plans = bm.plan(grid, ROOT / "params.yaml", "/nonexistent")  # every override validates
         assert len({p.keys["new"] for p in plans}) == len(plans)
@@ -45,7 +45,14 @@ def test_named_grids_are_valid_and_unknown_names_fail() -> None:
     settings = ("data.scenario", "legacy.head", "train.embedding_dim")
     headline = [c for c in full.cells if c.ablation == "-" and not any(k in c.overrides for k in settings)]
     assert {c.overrides["train.seed"] for c in headline} == {0, 1, 2}
-    assert len(headline) == 9 * 3  # every method, three seeds
+    seeds: dict[str, set[int]] = {}
+    for c in headline:
+        seeds.setdefault(c.overrides["train.method"], set()).add(c.overrides["train.seed"])
+    variants = {m for m in seeds if m.endswith("_authors")}
+    assert variants == {"bct_authors", "unibct_authors", "nccl_authors", "lce_authors"}
+    assert all(seeds[m] == {0} for m in variants)  # the authors' variants: one seed, labelled
+    assert {m for m in seeds if seeds[m] == {0, 1, 2}} >= {"mixbct", "none", "bct", "lce", "procrustes", "slerp", "adapter"}
+    assert len(headline) == 12 * 3 + 4  # every method x three seeds, the variants once
     with pytest.raises(ConfigError, match="unknown grid"):
         bm.load_grid("nope", ROOT / "benchmarks/grid.yaml")
 

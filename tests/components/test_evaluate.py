@@ -159,6 +159,22 @@ def test_criterion_strict_per_metric_and_gate() -> None:
     assert c5.reasons == ["top5: new/old 0.7000 <= old/old 0.7000"]
 
 
+def test_interval_gate_needs_the_lower_bound_above_zero() -> None:
+    t = table({"old/old": {"top1": 0.50}, "new/old": {"top1": 0.52}, "new/new": {"top1": 0.60}})
+    resolved = {"cross": {"top1": (0.02, 0.005, 0.035)}, "self": {"top1": (0.10, 0.08, 0.12)}}
+    noisy = {"cross": {"top1": (0.02, -0.004, 0.044)}, "self": {"top1": (0.10, 0.08, 0.12)}}
+    assert criterion(t, gate_metrics=("top1",)).passed  # the point estimates alone pass
+    ok = criterion(t, gate_metrics=("top1",), intervals=resolved, require="interval", level=0.95)
+    assert ok.passed and ok.to_dict()["intervals"]["cross"]["top1"] == [0.02, 0.005, 0.035]
+    bad = criterion(t, gate_metrics=("top1",), intervals=noisy, require="interval", level=0.95)
+    assert not bad.passed and bad.cross == {"top1": False} and bad.self_ == {"top1": True}
+    assert bad.reasons == ["top1: new/old − old/old = +2.00 [-0.40, +4.40] points (95% CI): the interval reaches 0, "
+                           "the gain is not resolved"]  # fmt: skip
+    assert "+2.00 [-0.40, +4.40]" in bad.markdown() and "CI low > 0" in bad.markdown()
+    with pytest.raises(ValueError, match="needs the intervals"):
+        criterion(t, gate_metrics=("top1",), require="interval")
+
+
 def test_criterion_nan_fails_with_reason() -> None:
     t = table({"old/old": {"top1": 0.5}, "new/old": {"top1": math.nan}, "new/new": {"top1": 0.6}})
     c = criterion(t, gate_metrics=("top1",))

@@ -166,16 +166,16 @@ def test_renderings_of_one_character_are_closer_than_of_two() -> None:
     assert (sim.argmax(axis=1) == np.arange(len(chars))).mean() >= 0.5
 
 
-def test_copy_base_forms_skips_variants_and_replaces_dest(tmp_path: Path) -> None:
+def test_copy_base_forms_keeps_kaisho_skips_other_variants_and_replaces_dest(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    for name in ["04e00.svg", "04e14.svg", "04e14-Kaisho.svg", "notes.txt"]:
+    for name in ["04e00.svg", "04e14.svg", "04e14-Kaisho.svg", "04e14-KaishoVtLst.svg", "04e00-HzFst.svg", "notes.txt"]:
         (src / name).write_text(name)
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "stale.svg").write_text("old")
-    assert kanjivg._copy_base_forms(src, dest) == 2
-    assert sorted(p.name for p in dest.iterdir()) == ["04e00.svg", "04e14.svg"]
+    assert kanjivg._copy_base_forms(src, dest) == 2  # identities: base forms only
+    assert sorted(p.name for p in dest.iterdir()) == ["04e00.svg", "04e14-Kaisho.svg", "04e14.svg"]
     assert (dest / "04e14.svg").read_text() == "04e14.svg"
     assert not list(tmp_path.glob(".out.*")), "temp folder left behind"
 
@@ -194,6 +194,8 @@ def test_copy_source_copies_every_base_form(tmp_path: Path) -> None:
     src = kanjivg.package_source()
     n = kanjivg.copy_source(tmp_path / "kanji")
     copied = sorted(p.name for p in (tmp_path / "kanji").iterdir())
-    assert n == len(copied) > 6000
-    assert copied == sorted(p.name for p in src.glob("*.svg") if "-" not in p.stem)
+    base = [name for name in copied if "-" not in name]
+    assert n == len(base) > 6000
+    assert base == sorted(p.name for p in src.glob("*.svg") if "-" not in p.stem)
+    assert [name for name in copied if "-" in name] == sorted(p.name for p in src.glob("*-Kaisho.svg"))
     assert (tmp_path / "kanji" / "0611b.svg").read_bytes() == (src / "0611b.svg").read_bytes()

@@ -46,6 +46,30 @@ def test_compatible_model_becomes_challenger(cfg, registry_inputs, tmp_path: Pat
     assert json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="compatibility/metrics.json")).read_text())["criterion"]["passed"]
 
 
+def test_registered_version_carries_intervals_flips_and_the_backfill_curve(cfg, registry_inputs, tmp_path: Path) -> None:
+    paths, fingerprint = registry_inputs(tmp_path / "work", compatible=True)
+    metrics = json.loads((paths.eval / "metrics.json").read_text())
+    result = register(cfg, paths, fingerprint)
+    assert result["registered"]
+    client = MlflowClient()
+    version = client.get_model_version("kanji-embedder", "1")
+    lo = metrics["criterion"]["intervals"]["cross"]["top1"][1]
+    assert metrics["criterion"]["require"] == "interval" and lo > 0  # the default gate: the interval's lower bound
+    assert version.tags["gate.rule"] == "interval"
+    assert version.tags["ci.cross.top1"].endswith("points") and f"{100 * lo:+.2f}" in version.tags["ci.cross.top1"]
+    flip = metrics["bootstrap"]["negative_flips"]["old/old -> new/old"]["nf_share"]["point"]
+    assert version.tags["flips.old/old -_ new/old"].startswith(f"{flip:.4f}")
+    auc = metrics["backfill"]["random"]["auc"]["top1"]
+    assert version.tags["backfill.random.auc.top1"] == f"{auc:.4f}"
+    run = client.get_run(result["run_id"])
+    assert run.data.metrics["backfill.random.auc.top1"] == pytest.approx(auc)
+    assert run.data.metrics["ci.new/old - old/old.top1.lo"] == pytest.approx(lo)
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"], "compatibility")}
+    assert "compatibility/backfill.png" in artifacts
+    png = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="compatibility/backfill.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_incompatible_model_is_not_registered(cfg, registry_inputs, tmp_path: Path) -> None:
     paths, fingerprint = registry_inputs(tmp_path / "work", compatible=False)
     result = register(cfg, paths, fingerprint)

@@ -17,7 +17,7 @@ from components.validation import ValidationReport, _report, validate_embeddings
 from markdown_cells import content
 
 Corruption = Callable[[pd.DataFrame, Path], tuple[pd.DataFrame, str]]  # (manifest, tmp) -> (bad one, culprit)
-NUM_CLASSES = {"old_train": 2, "new_train": 3, "test": 2}
+NUM_CLASSES = {"old_train": 2, "new_train": 3, "test": 2, "val": 2}
 # identity -> (split, label, number of images); ImageFolder style: one file per row, sample 0
 LAYOUT = [
     ("a0", "old_train", 0, 2),
@@ -29,6 +29,12 @@ LAYOUT = [
     ("t0", "query", 0, 2),
     ("t1", "gallery", 1, 1),
     ("t1", "query", 1, 1),
+    ("t0", "shift_gallery", 0, 1),  # the shifted set shares the test labels
+    ("t0", "shift_query", 0, 1),
+    ("v0", "val_gallery", 0, 1),  # validation identities: their own labels
+    ("v0", "val_query", 0, 2),
+    ("v1", "val_gallery", 1, 1),
+    ("v1", "val_query", 1, 1),
 ]
 
 
@@ -139,6 +145,17 @@ def _no_query_for_test_identity(m: pd.DataFrame, tmp: Path) -> tuple[pd.DataFram
     return m, "identity=t1"
 
 
+def _validation_identity_in_test(m: pd.DataFrame, tmp: Path) -> tuple[pd.DataFrame, str]:
+    m.loc[m["identity"] == "v1", "identity"] = "t1"
+    return m, "identity=t1"
+
+
+def _validation_identity_without_gallery(m: pd.DataFrame, tmp: Path) -> tuple[pd.DataFrame, str]:
+    m = m.drop(index=_row(m, "val_gallery", "v1"))
+    m.loc[len(m) + 100] = ["val_query:v1:9", _png(tmp / "v1_extra.png", 9), 0, "v1", "val_query", 1]
+    return m, "identity=v1"
+
+
 def _null_identity(m: pd.DataFrame, tmp: Path) -> tuple[pd.DataFrame, str]:
     i = _row(m, "old_train", "a1")
     m.loc[i, "identity"] = None
@@ -151,11 +168,13 @@ CORRUPTIONS: list[tuple[Corruption, str]] = [
     (_label_out_of_range, "new_train labels in [0, 3)"),
     (_singleton_class, "every class has >= 2 samples"),
     (_rendering_in_two_splits, "splits are disjoint"),
-    (_test_identity_in_new_train, "test identities never appear in old_train or new_train"),
+    (_test_identity_in_new_train, "test and validation identities never appear in old_train or new_train"),
     (_duplicate_id, "sample ids are unique"),
     (_unknown_split, "split is a known split"),
-    (_no_query_for_test_identity, "every test identity has >= 1 query sample"),
+    (_no_query_for_test_identity, "every test and validation identity has >= 1 query sample"),
     (_null_identity, "no null identity"),
+    (_validation_identity_in_test, "validation identities never appear in the test set"),
+    (_validation_identity_without_gallery, "every test and validation identity has >= 1 gallery sample"),
 ]
 
 

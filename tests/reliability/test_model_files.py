@@ -336,7 +336,7 @@ def test_image_over_the_pixel_budget(tmp_path: Path) -> None:
     _faces(root)
     _png_header_only(root / "id3" / "1.png", 5000, 5000)  # no pixel data: decoding it would fail differently
     params = tmp_path / "params.yaml"
-    data = {"source": "imagefolder", "root": str(root), "test_identities": 3, "max_pixels": 10_000}
+    data = {"source": "imagefolder", "root": str(root), "test_identities": 3, "val_identities": 0, "max_pixels": 10_000}
     params.write_text(yaml.safe_dump({"data": data, "legacy": {"batch_size": 4}, "train": {"batch_size": 4}}))
     work = tmp_path / "work"
     result = runner.invoke(app, ["stage", "prepare", "--params", str(params), "--workdir", str(work)])
