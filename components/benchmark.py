@@ -178,9 +178,20 @@ def symlink(target: Path, link: Path) -> None:
 def link_inputs(plan: Plan, piece: str) -> Paths:
     """Make `piece`'s builder root see the pieces it reads; return that root, ready for the stage function."""
     root = plan.roots[piece]
-    for dep in PIECES[piece][1]:
+    for dep in reads(plan, piece):
         symlink(output(plan, dep), root.root / PIECES[dep][0])
     return root
+
+
+def reads(plan: Plan, piece: str) -> tuple[str, ...]:
+    """The pieces `piece` reads for this cell: a training-free method's new model also reads the paragon it maps
+    (built before it, so it is trained once, in its shared folder)."""
+    from components.training_free import TRAINING_FREE
+
+    deps = PIECES[piece][1]
+    if piece == "new" and plan.cfg.train.method in TRAINING_FREE and plan.cfg.train.paragon:
+        deps = (*deps, "paragon")
+    return deps
 
 
 def link_cell(plan: Plan) -> Paths:

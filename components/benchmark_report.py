@@ -32,7 +32,7 @@ REVIEW_COLUMNS = (
     "ci.cross.top1", "ci.cross.top1.lo", "ci.cross.top1.hi", "nf_share.new/old", "nf_share.new/new",
     "backfill.random.auc.top1", "backfill.worst_first.auc.top1", "backfill.dips",
     "shift.cross.top1", "shift.cross.top1.lo", "shift.cross.top1.hi", "shift.passed",
-    "val.cross.top1", "val.self.top1",
+    "val.cross.top1", "val.self.top1", "val_shift.cross.top1",
 )  # fmt: skip
 VALUE_COLUMNS = (*(f"{pair}.{m}" for pair in PAIRS for m in REPORT_METRICS), "update_gain.top1", "retention.top1",
                  *REVIEW_COLUMNS)  # fmt: skip
@@ -109,6 +109,8 @@ def _review(r: Mapping[str, Any]) -> dict[str, float]:
     val = (r.get("sets") or {}).get("validation")
     out["val.cross.top1"] = _cell(val, "differences", CROSS_DIFF, "top1", "point")
     out["val.self.top1"] = _cell(val, "differences", SELF_DIFF, "top1", "point")
+    val_shift = (r.get("sets") or {}).get("validation_shift")
+    out["val_shift.cross.top1"] = _cell(val_shift, "differences", CROSS_DIFF, "top1", "point")
     return out
 
 
@@ -233,10 +235,11 @@ def review_table(group: Sequence[Mapping[str, Any]]) -> str:
             _fmt_share(r["backfill.random.auc.top1"][0]), _fmt_share(r["backfill.worst_first.auc.top1"][0]),
             "–" if math.isnan(dips) else ("yes" if dips > 0 else "no"),
             _interval(r, "shift.cross.top1"), _points(r["val.cross.top1"][0]), _points(r["val.self.top1"][0]),
+            _points(r["val_shift.cross.top1"][0]),
         ])  # fmt: skip
     cols = ["method", "cross Δtop1, points [95% CI]", "neg. flips new/old", "neg. flips new/new",
             "backfill AUC random", "backfill AUC worst-first", "backfill dips", "shifted cross Δtop1 [95% CI]",
-            "val cross Δtop1", "val self Δtop1"]  # fmt: skip
+            "val cross Δtop1", "val self Δtop1", "val shifted cross Δtop1"]  # fmt: skip
     table = pd.DataFrame(body, columns=cols)
     return table.to_markdown(index=False, colalign=("left", *["right"] * (len(cols) - 1)), disable_numparse=True)
 

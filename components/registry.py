@@ -78,7 +78,7 @@ def evaluation_tags(metrics: dict[str, Any]) -> dict[str, str]:
             tags[f"flips.{row}"] = f"{iv['point']:.4f} [{iv['lo']:.4f}, {iv['hi']:.4f}]"
     for name, record in (metrics.get("sets") or {}).items():
         c = record.get("criterion") or {}
-        if name == "validation" or not c:
+        if name.startswith("validation") or not c:  # choices are made there; versions carry the test-side sets
             continue
         tags[f"{name}.passed"] = str(c.get("passed"))
         for m, ok in (c.get("cross") or {}).items():

@@ -377,7 +377,7 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", th
     if role == "new" and cfg.method in TRAINING_FREE:
         return _train_free(cfg, image_size, paths, threads)
     method_name = cfg.method if role == "new" else "none"
-    backbone, history = _fit_backbone(cfg, image_size, paths, role, method_name)
+    backbone, history, checkpoint = _fit_backbone(cfg, image_size, paths, role, method_name)
     gallery_images, _ = split_arrays(paths, "gallery")
     with atomic_dir(paths.model_dir(role)) as out:
         save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
@@ -385,15 +385,20 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", th
         parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
         write_json(out / "history.json", history)
         _write_history_csv(out / "history.csv", history)
-        info = {"role": role, "method": method_name, "epochs": cfg.epochs, "onnx_parity": parity}
+        info = {"role": role, "method": method_name, "epochs": cfg.epochs, "onnx_parity": parity, "checkpoint": checkpoint}
         write_json(out / "info.json", info)
     return info
 
 
+def _paragon_key(cfg: TrainConfig, image_size: int, paths: Paths) -> str:
+    return keys.model_checkpoint(cfg, "paragon", image_size, file_sha256(paths.manifest), None)
+
+
 def _fit_backbone(
     cfg: TrainConfig, image_size: int, paths: Paths, role: str, method_name: str
-) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """Train (or resume, or reuse a finished checkpoint of) `role`'s backbone with `method_name`; eval mode."""
+) -> tuple[torch.nn.Module, list[dict[str, Any]], str]:
+    """Train (or resume, or reuse a finished checkpoint of) `role`'s backbone with `method_name`, in eval mode;
+    returns it, its history and its checkpoint's name (the model's key)."""
     from components.losses import build_method
     from components.models import build_backbone
     from components.task import CompatibleTask
@@ -437,7 +442,7 @@ def _fit_backbone(
             progress=lambda s, t: advance(1),
         )  # fmt: skip
     backbone.eval()
-    return backbone, history
+    return backbone, history, checkpoint
 
 
 def _old_classifier(paths: Paths, n_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -482,7 +487,13 @@ def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -
     from components.evaluate import retrieval_metrics
     from components.training_free import build_training_free
 
-    backbone, history = _fit_backbone(cfg, image_size, paths, "paragon", "none")  # the paragon's checkpoint
+    paragon = paths.model_dir("paragon")
+    info = json.loads((paragon / "info.json").read_text()) if (paragon / "info.json").is_file() else {}
+    if info.get("checkpoint") == _paragon_key(cfg, image_size, paths):  # this very paragon, already trained
+        backbone, _ = load_backbone(paragon / "model.pt")
+        history = json.loads((paragon / "history.json").read_text())
+    else:  # trained here under the paragon's checkpoint name: the paragon stage then finds it finished
+        backbone, history, _ = _fit_backbone(cfg, image_size, paths, "paragon", "none")
     images, _ = split_arrays(paths, "new_train")
     new_feats = _torch_features(backbone, images)
     old_feats = np.load(paths.old_features / "features.npy")
@@ -545,6 +556,7 @@ EVAL_SETS: dict[str, tuple[str, str, str]] = {
     "shift_query": ("shift_query", "gallery", "shifted queries (another style) against the in-domain gallery"),
     "shift": ("shift_query", "shift_gallery", "gallery and queries both in the shifted style"),
     "validation": ("val_query", "val_gallery", "validation identities: where every choice is made"),
+    "validation_shift": ("val_shift_query", "val_shift_gallery", "validation identities in the shifted style"),
 }
 CROSS, SELF = ("new/old", "old/old"), ("new/new", "old/old")
 

@@ -25,13 +25,16 @@ import pandas as pd
 from components.errors import ValidationFailed
 from components.io import write_text
 
-SPLITS = ("old_train", "new_train", "gallery", "query", "val_gallery", "val_query", "shift_gallery", "shift_query")
+SPLITS = (
+    "old_train", "new_train", "gallery", "query", "val_gallery", "val_query", "shift_gallery", "shift_query",
+    "val_shift_gallery", "val_shift_query",
+)  # fmt: skip
 COLUMNS = ("id", "source", "sample", "identity", "split", "label")
 # Label groups: gallery, query and the shifted set share the test labels; validation has its own.
 GROUP_OF_SPLIT = {
     "old_train": "old_train", "new_train": "new_train",
     "gallery": "test", "query": "test", "shift_gallery": "test", "shift_query": "test",
-    "val_gallery": "val", "val_query": "val",
+    "val_gallery": "val", "val_query": "val", "val_shift_gallery": "val", "val_shift_query": "val",
 }  # fmt: skip
 GROUPS = ("old_train", "new_train", "test", "val")
 # Evaluation groups and the splits that enrol and query their identities.

@@ -10,7 +10,8 @@ the same splits on any machine, and identity sets never depend on file-system or
   samples (-data scenarios) is the old model's; "open" gives the new model the rest, "extended" all of it;
 - a shifted evaluation set (`shift_gallery`, `shift_query`): the test identities drawn in another style (KanjiVG's
   handwritten-style "Kaisho" variant forms, for the test characters that have one), as fresh renderings. It
-  shares the test labels, so a shifted query can be searched against the in-domain gallery too.
+  shares the test labels, so a shifted query can be searched against the in-domain gallery too. The validation
+  identities get the same (`val_shift_gallery`, `val_shift_query`): what helps under shift is tried there.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ import pandas as pd
 from components.config import DataConfig
 from components.errors import DataError
 
-SPLITS = ("old_train", "new_train", "gallery", "query", "val_gallery", "val_query", "shift_gallery", "shift_query")
+SPLITS = (
+    "old_train", "new_train", "gallery", "query", "val_gallery", "val_query", "shift_gallery", "shift_query",
+    "val_shift_gallery", "val_shift_query",
+)  # fmt: skip
 # Label spaces: each group numbers its identities 0..n-1 on its own; shifted rows share the test labels.
 LABEL_GROUPS: dict[str, tuple[str, ...]] = {
     "old_train": ("old_train",),
     "new_train": ("new_train",),
     "test": ("gallery", "query", "shift_gallery", "shift_query"),
-    "val": ("val_gallery", "val_query"),
+    "val": ("val_gallery", "val_query", "val_shift_gallery", "val_shift_query"),
 }
 COLUMNS = ["id", "source", "sample", "identity", "split", "label"]
 SHIFT_VARIANT = "Kaisho"  # KanjiVG's handwritten-style variant forms: the shifted evaluation set
@@ -105,6 +109,7 @@ def _assign(
     enrol(val, identities, "val_")
     if shifted:
         enrol(test, shifted, "shift_")
+        enrol(val, shifted, "val_shift_")
     df = pd.DataFrame(rows, columns=["source", "sample", "identity", "split"])
     df["label"] = -1
     for group in LABEL_GROUPS.values():

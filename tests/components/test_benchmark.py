@@ -149,6 +149,28 @@ def test_report_and_plots(tmp_path: Path) -> None:
         assert Path(out[name]).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_review_table_shows_intervals_flips_backfill_shift_and_validation(tmp_path: Path) -> None:
+    def iv(point: float, lo: float, hi: float) -> dict[str, float]:
+        return {"point": point, "lo": lo, "hi": hi}
+
+    rec = _record("bct_authors", 0, 0.5, 0.6, 0.8, True)
+    rec["differences"] = {"new/old - old/old": {"top1": iv(0.1, 0.05, 0.15)}}
+    rec["negative_flips"] = {"old/old -> new/old": {"nf_share": iv(0.02, 0.01, 0.03)},
+                             "old/old -> new/new": {"nf_share": iv(0.01, 0.0, 0.02)}}  # fmt: skip
+    rec["backfill"] = {"random": {"auc": {"top1": 0.7}, "dips": False}, "worst_first": {"auc": {"top1": 0.72}, "dips": True}}
+    rec["sets"] = {"shift": {"criterion": {"passed": False}, "differences": {"new/old - old/old": {"top1": iv(-0.03, -0.05, -0.01)}}},
+                   "validation": {"differences": {"new/old - old/old": {"top1": iv(0.08, 0, 0)},
+                                                  "new/new - old/old": {"top1": iv(0.2, 0, 0)}}}}  # fmt: skip
+    old = _record("l2", 0, 0.5, 0.55, 0.75, True)  # recorded before intervals existed: dashes, not zeros
+    rows = report.aggregate([rec, old])
+    text = report.render(bm.Grid("hand", {}, ()), rows, "cmd")
+    cells = [line for line in content(text) if isinstance(line, list)]
+    assert ["BCT (MixBCT authors' variant: unscaled cosine logits, synthesised classifier)", "+10.00 [+5.00, +15.00]",
+            "0.0200", "0.0100", "0.7000", "0.7200", "yes", "-3.00 [-5.00, -1.00]", "+8.00", "+20.00", "–"] in cells
+    assert ["l2", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–"] in cells
+    assert report._label("slerp") == "slerp (training-free, on the paragon)"
+
+
 def test_aggregation_leaves_out_missing_values_and_keeps_first_appearance_order() -> None:
     records = [_record("l2", s, 0.5, 0.6, 0.7, True) for s in range(3)] + [_record("bct", 0, 0.5, 0.6, 0.7, True)]
     records[0]["pairs"]["new/old"]["mAP"] = None  # NaN in JSON

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from components import pipeline
 from components.config import DataConfig, load_config
@@ -56,7 +57,10 @@ def test_shifted_set_is_the_test_identities_variant_forms_in_fresh_renderings(ra
     assert shift["sample"].min() > test["sample"].max()  # new draws of the jitter, not the in-domain twins
     label = dict(zip(test["identity"], test["label"], strict=False))
     assert (shift["identity"].map(label) == shift["label"]).all()  # the test labels: searchable in either gallery
-    assert not build_manifest(_cfg(raw, shift="none"))["split"].str.startswith("shift").any()
+    val = m[m["split"].isin(["val_gallery", "val_query"])]
+    val_shift = m[m["split"].isin(["val_shift_gallery", "val_shift_query"])]
+    assert set(val_shift["identity"]) <= set(val["identity"]) and len(val_shift)
+    assert not build_manifest(_cfg(raw, shift="none"))["split"].str.contains("shift").any()
 
 
 def _run(tmp: Path, raw: Path, stages: tuple[str, ...], **sections: dict) -> tuple[Paths, object]:
@@ -78,7 +82,7 @@ def test_evaluate_reports_every_set_with_intervals_flips_and_backfill(tmp_path: 
     info = json.loads((paths.model_dir("new") / "info.json").read_text())
     assert info["chosen_on"] == "validation" and len(info["training_free"]["validation_table"]) == 11
     metrics = json.loads((paths.eval / "metrics.json").read_text())
-    assert set(metrics["sets"]) == {"shift", "shift_query", "validation"}
+    assert set(metrics["sets"]) == {"shift", "shift_query", "validation", "validation_shift"}
     assert metrics["criterion"]["require"] == "interval"
     for record in (metrics, *metrics["sets"].values()):
         diffs = record["bootstrap"]["differences"]["new/old - old/old"]
@@ -91,19 +95,30 @@ def test_evaluate_reports_every_set_with_intervals_flips_and_backfill(tmp_path: 
             assert values[0] == pytest.approx(metrics["pairs"]["new/old"][metric], abs=1e-12)
             assert values[-1] == pytest.approx(metrics["pairs"]["new/new"][metric], abs=1e-12)
     table = (paths.eval / "table.md").read_text()
-    for heading in ("## shift:", "## shift_query:", "## validation:", "Partial backfill", "Negative flips"):
+    for heading in ("## shift:", "## shift_query:", "## validation:", "## validation_shift:", "Partial backfill",
+                    "Negative flips"):
         assert heading in table
     assert (paths.eval / "backfill.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_training_free_model_is_one_onnx_graph_that_matches_torch(tmp_path: Path, raw: Path) -> None:
     from components.embed import load_backbone, onnx_parity
+    from components.preprocess import to_input
     from components.stages import split_arrays
 
-    paths, _ = _run(tmp_path, raw, ("prepare", "legacy", "extract", "train"), train={"method": "procrustes"})
+    paths, cfg = _run(tmp_path, raw, ("prepare", "legacy", "extract", "paragon"), train={"method": "procrustes"})
+    for stale in (paths.root / "checkpoints").glob("paragon-*.pt"):
+        stale.unlink()  # a retrained paragon would leave its checkpoint again
+    pipeline.run("train", cfg, paths)
+    assert not list((paths.root / "checkpoints").glob("paragon-*.pt")), "the trained paragon was trained again"
     model, meta = load_backbone(paths.model_dir("new") / "model.pt")
     assert meta["arch"] == "procrustes"
+    paragon, _ = load_backbone(paths.model_dir("paragon") / "model.pt")
     images, _ = split_arrays(paths, "gallery")
+    with torch.inference_mode():  # the map sits on this very paragon
+        x = to_input(torch.from_numpy(images[:8]))
+        mapped = torch.nn.functional.normalize(torch.nn.functional.normalize(paragon(x), dim=1) @ model.R, dim=1)
+        assert torch.allclose(model(x), mapped, atol=1e-5)
     assert onnx_parity(model, paths.model_dir("new") / "model.onnx", images[:64]) < 1e-4
 
 
