@@ -159,7 +159,8 @@ class TrainConfig(Section):
     arcface_m: float = Field(0.5, ge=0)
     # The method's own arguments, checked against its model (components/losses/<method>.py), which holds the
     # defaults (mixbct: {alpha: 0.3}); resolved with them, so `{}` and `{alpha: 0.3}` are the same model (one key)
-    # and the run logs every value. The paragon (method "none") gets none.
+    # and the run logs every value. The paragon (method "none") gets none. Either flat ({alpha: 0.5}: for the
+    # selected method) or per method ({mixbct: {alpha: 0.5}}: each method's entry applies when it is selected).
     method_args: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     hflip: bool = False  # mirrored glyphs are other characters; faces would use True
     paragon: bool = True  # also train method "none" as the upper bound
@@ -191,7 +192,23 @@ class TrainConfig(Section):
         # A field validator (not a model one) so that errors read `train.method_args.<field>`.
         if "method" not in info.data:  # the method name itself is wrong; that error is reported
             return value
-        return method_args_type(info.data["method"]).model_validate(value).model_dump(mode="json")
+        method = info.data["method"]
+        # Per-method form: {mixbct: {alpha: 0.5}, lce: {...}}: each entry is checked against its method, the
+        # selected method's entry applies, and flat keys (e.g. `-S train.method_args.alpha=0.7`) override it. So a
+        # project default for one method survives `-S train.method=l2`.
+        known = set(all_methods())
+        scoped = {k: v for k, v in value.items() if k in known}
+        flat = {k: v for k, v in value.items() if k not in known}
+        for name, args in scoped.items():
+            if not isinstance(args, dict):
+                raise ValueError(f"{name}: expected a mapping of {name}'s arguments, got {args!r}")
+            try:
+                method_args_type(name).model_validate(args)
+            except ValidationError as err:
+                where = ".".join(str(p) for p in err.errors()[0]["loc"])
+                raise ValueError(f"{name}.{where}: {err.errors()[0]['msg']}") from None
+        merged = {**(scoped.get(method) or {}), **flat}
+        return method_args_type(method).model_validate(merged).model_dump(mode="json")
 
 
 class EvaluateConfig(Section):

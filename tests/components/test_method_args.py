@@ -88,7 +88,7 @@ def test_a_mistyped_or_unknown_argument_fails_naming_the_field() -> None:
 
 def test_method_args_in_a_params_file(tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert raw["train"]["method_args"] == {}  # the shipped file: every method at its defaults
+    assert raw["train"]["method_args"] == {"mixbct": {"alpha": 0.5}}  # the shipped file: alpha chosen on validation
     raw["train"].update(method="nccl", method_args={"temperature": 0.1, "queue_size": 64})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
@@ -177,17 +177,19 @@ def test_authors_variants_are_separate_labelled_methods() -> None:
     assert cfg.train.method == "bct_authors" and cfg.train.method_args == {"influence_weight": 1.0}
 
 
-def test_mixbct_from_params_yaml_is_alpha_0_3() -> None:
-    """params.yaml's `method_args: {}` builds the MixBCT that `train.alpha: 0.3` built: same alpha, same draws."""
+def test_mixbct_from_params_yaml_is_alpha_0_5() -> None:
+    """params.yaml's `method_args: {mixbct: {alpha: 0.5}}` (chosen on validation) builds MixBCTArgs(alpha=0.5)'s
+    MixBCT: same alpha, same draws; method.md's 0.3 stays the method's own default."""
     from components.losses.mixbct import MixBCT, MixBCTArgs, choose_rows
 
     cfg = load_config(ROOT / "params.yaml")
     built = build_method("mixbct", embedding_dim=4, num_classes=3, seed=cfg.train.seed, args=cfg.train.method_args)
-    direct = MixBCT(4, 3, seed=cfg.train.seed, args=MixBCTArgs(alpha=0.3))
+    direct = MixBCT(4, 3, seed=cfg.train.seed, args=MixBCTArgs(alpha=0.5))
+    assert MixBCTArgs().alpha == 0.3
     credible = torch.ones(128, dtype=torch.bool)
     for _ in range(3):
         rows = choose_rows(credible, built.alpha, built.generator)
-        assert len(rows) == 38 and torch.equal(rows, choose_rows(credible, direct.alpha, direct.generator))
+        assert len(rows) == 64 and torch.equal(rows, choose_rows(credible, direct.alpha, direct.generator))
 
 
 # ------------------------------------------------------------------------------------------ (c) a new method
@@ -244,3 +246,16 @@ def test_a_new_method_is_one_file_plus_one_line_and_trains(toy: str, tmp_path: P
                   tmp_path / "ck.pt")  # fmt: skip  (16 images, batch 16: one step)
     assert len(history) == 1 and np.isfinite(history[0]["loss"]) and "norm" in history[0]
     assert not torch.equal(method.head.weight.detach(), before)  # the step reached the method's own classifier
+
+
+def test_per_method_args_apply_to_the_selected_method_and_flat_keys_override() -> None:
+    params = {"train.method_args": {"mixbct": {"alpha": 0.5}, "lce": {"weight_scale": 16.0}}}
+    assert load_config(None, params).train.method_args == {"alpha": 0.5}
+    assert load_config(None, {**params, "train.method": "lce"}).train.method_args["weight_scale"] == 16.0
+    assert load_config(None, {**params, "train.method": "l2"}).train.method_args == {"weight": 10.0}  # no alpha
+    flat = load_config(None, {**params, "train.method_args.alpha": 0.7})
+    assert flat.train.method_args == {"alpha": 0.7}
+    with pytest.raises(ConfigError, match="mixbct.alfa"):  # every method's entry is checked, selected or not
+        load_config(None, {"train.method": "l2", "train.method_args": {"mixbct": {"alfa": 0.5}}})
+    with pytest.raises(ConfigError, match="train.method_args.alpha: unknown key"):
+        load_config(None, {**params, "train.method": "l2", "train.method_args.alpha": 0.7})
