@@ -187,14 +187,21 @@ def retrieval_metrics(
 # --------------------------------------------------------------------------------------------- verification
 
 
+def impostor_keep_rate(n_pairs: int, n_genuine: int, max_pairs: int) -> float:
+    """Share of impostor pairs kept (independent Bernoulli draws) so that about max_pairs pairs are scored, every
+    genuine pair included; 1 when all pairs fit. components.stats draws the same sample with it."""
+    if n_pairs <= max_pairs:
+        return 1.0
+    return min(1.0, max(max_pairs - n_genuine, 1) / max(n_pairs - n_genuine, 1))
+
+
 def _pair_scores(
     xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray, max_pairs: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine scores of all genuine pairs and of all (or a seeded Bernoulli sample of) impostor pairs."""
     n_pairs = len(xq) * len(xb)
     n_genuine = int(_gallery_counts(yq, yb).sum())
-    n_impostor = n_pairs - n_genuine
-    keep = 1.0 if n_pairs <= max_pairs else min(1.0, max(max_pairs - n_genuine, 1) / max(n_impostor, 1))
+    keep = impostor_keep_rate(n_pairs, n_genuine, max_pairs)
     rng = np.random.default_rng(seed)
     genuine, impostor = [], []
     for blk in _blocks(len(xq), len(xb)):

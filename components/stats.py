@@ -72,6 +72,7 @@ from components.evaluate import (
     _gallery_counts,
     _json_float,
     _markdown_table,
+    impostor_keep_rate,
     per_query_retrieval,
     retrieval_metrics,
     tar_name,
@@ -135,7 +136,7 @@ def score_tail(
     n_gen_total = int(_gallery_counts(yq, yb).sum())
     n_imp_total = n_pairs - n_gen_total
     # The same keep rate and the same draws, block by block, as evaluate._pair_scores.
-    keep = 1.0 if n_pairs <= max_pairs else min(1.0, max(max_pairs - n_gen_total, 1) / max(n_imp_total, 1))
+    keep = impostor_keep_rate(n_pairs, n_gen_total, max_pairs)
     rng = np.random.default_rng(seed)
     # At least TAIL_MIN scores: with few identities one resample can hold several times the mean impostor mass of
     # the highest-scoring query rows, and keeping a small set whole costs nothing.
