@@ -220,6 +220,20 @@ def labels(plan: Plan) -> dict[str, Any]:
     }
 
 
+def training_terms(history_json: Path) -> dict[str, dict[str, float]] | None:
+    """The loss terms of the new model's first and last epoch (each method's history names its own: `cls`,
+    `influence`, `align`, ...), so a report can say how much a compatibility term acted, not only that the
+    cross-test did not move. None for a model without a training history (the training-free maps)."""
+    if not history_json.is_file():
+        return None
+    history = json.loads(history_json.read_text())
+    if not history:
+        return None
+    skip = {"epoch", "lr", "seconds", "mixed_rows"}
+    pick = lambda row: {k: float(v) for k, v in row.items() if k not in skip and isinstance(v, (int, float))}  # noqa: E731
+    return {"first": pick(history[0]), "last": pick(history[-1])}
+
+
 def record_cell(plan: Plan) -> dict[str, Any]:
     """Write `cell.json` (labels, overrides, the test set's pairs, criterion, intervals of the differences and
     negative flips, backfill AUCs, and the same for the shifted and validation sets) atomically from the cell's
@@ -233,6 +247,7 @@ def record_cell(plan: Plan) -> dict[str, Any]:
 
     backfill = {order: {"auc": c.get("auc"), "dips": c.get("dips")} for order, c in (metrics.get("backfill") or {}).items()}
     record = {"id": plan.cell.id, "overrides": plan.cell.overrides, **labels(plan), **brief(metrics),
-              "backfill": backfill, "sets": {k: brief(v) for k, v in (metrics.get("sets") or {}).items()}}  # fmt: skip
+              "backfill": backfill, "sets": {k: brief(v) for k, v in (metrics.get("sets") or {}).items()},
+              "training": training_terms(plan.paths.model_dir("new") / "history.json")}  # fmt: skip
     write_json(plan.cell_json, record)
     return record
