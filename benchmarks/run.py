@@ -138,6 +138,7 @@ def bench_methods(threads: int, steps: int, batch: int) -> None:
     import torch
 
     from components.losses import available_methods
+    from components.preprocess import default_preprocess
 
     names = ["none"] + [m for m in available_methods() if m != "none"]
     gen = torch.Generator().manual_seed(1)
@@ -150,7 +151,7 @@ def bench_methods(threads: int, steps: int, batch: int) -> None:
     for m, (task, *_rest) in tasks.items():
         tic = time.perf_counter()
         for epoch in range(DEFAULT_EPOCHS):
-            task.on_epoch_start(epoch, DEFAULT_EPOCHS, images)
+            task.on_epoch_start(epoch, DEFAULT_EPOCHS, images, default_preprocess(32))
         hooks[m] = time.perf_counter() - tic
     step_s = _interleaved_medians(tasks, x, idx, steps)
     memory = {}

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.errors import ConfigError
+from components.preprocess import Preprocess, default_preprocess
 
 Scenario = Literal["open-class", "open-data", "extended-class", "extended-data"]
 
@@ -36,7 +37,8 @@ class DataConfig(Section):
 
     source: Literal["kanjivg", "imagefolder"] = "kanjivg"
     root: str = "data/kanjivg"  # raw source, tracked by data.dvc
-    image_size: int = Field(32, ge=8, le=256)
+    image_size: int = Field(32, ge=8, le=512)  # stored images are image_size x image_size
+    channels: Literal[1, 3] = 1  # stored channels: 1 (grayscale) or 3 (RGB)
     seed: int = 0
     scenario: Scenario = "open-class"
     # KanjiVG: identities are drawn from the raw folder; ImageFolder: every identity folder is used.
@@ -83,6 +85,8 @@ class LegacyConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     grad_clip: float = Field(5.0, gt=0)
     seed: int = 0
+    # What the old model takes (components.preprocess): null = the stored size and channels, scaled to [-1, 1].
+    preprocess: Preprocess | None = None
 
     @field_validator("arch")
     @classmethod
@@ -98,6 +102,14 @@ class OldConfig(Section):
     # (manifest ids), in any order and possibly more rows than the test gallery; or .npy [n_gallery, d] with
     # rows in gallery-manifest order.
     gallery: str | None = None
+    # How to feed the old model: null = its ONNX metadata (`mixbct.preprocess`, written by this project's exports),
+    # else data.image_size / data.channels scaled to [-1, 1]; the model's declared input shape is checked either way.
+    preprocess: Preprocess | None = None
+    # The embedding: a named tensor of the graph (null = the model's first output) and how to pool it to [n, d]:
+    # none (already [n, d]), mean / max over every axis after the first two ([n, C, ...] -> [n, C]), mean_seq /
+    # max_seq over axis 1 ([n, T, d] -> [n, d], e.g. a text recogniser's sequence features), flatten.
+    output: str | None = None
+    pool: Literal["none", "mean", "max", "mean_seq", "max_seq", "flatten"] = "none"
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> OldConfig:
@@ -163,6 +175,8 @@ class TrainConfig(Section):
     # selected method) or per method ({mixbct: {alpha: 0.5}}: each method's entry applies when it is selected).
     method_args: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     hflip: bool = False  # mirrored glyphs are other characters; faces would use True
+    # What the new model takes (components.preprocess): null = the stored size and channels, scaled to [-1, 1].
+    preprocess: Preprocess | None = None
     paragon: bool = True  # also train method "none" as the upper bound
     seed: int = 0
 
@@ -270,6 +284,11 @@ class Config(Section):
                 f"({self.train.embedding_dim}): MixBCT swaps rows, so old and new dimensions must be equal"
             )
         return self
+
+    def preprocess(self, role: str) -> Preprocess:
+        """The input contract of the project's "legacy" (old, trained here) or "new" (new and paragon) model."""
+        declared = {"legacy": self.legacy.preprocess, "new": self.train.preprocess}[role]
+        return declared if declared is not None else default_preprocess(self.data.image_size, self.data.channels)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

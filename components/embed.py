@@ -1,6 +1,8 @@
 """Saving, loading, exporting and running embedding models (torch checkpoints and ONNX).
 
-Every model here maps float32 [n, 1, H, W] in [-1, 1] to raw embeddings [n, d]. A backbone checkpoint
+Every model here maps stored uint8 pixels, through its own `Preprocess` (components.preprocess: size, channels,
+order, mean/std, layout), to raw embeddings [n, d]; the embedded default's is [n, 1, 32, 32] in [-1, 1]. Every
+exported ONNX carries its preprocess in its metadata. A backbone checkpoint
 (`save_backbone`) holds only the backbone (never a classifier, never an old-model weight) plus what is needed to
 rebuild it. A training-free composite (`components.training_free`, saved by `save_composite`) holds its parts and
 its fitted map; a SLERP composite holds the old model too, by design: it runs both models per query.
@@ -24,7 +26,7 @@ from torch import nn
 from components.errors import DataError, IncompatibleModel, UpgradeError
 from components.io import atomic_path, file_sha256
 from components.models import build_backbone
-from components.preprocess import to_input
+from components.preprocess import METADATA_KEY, Preprocess, default_preprocess
 
 if TYPE_CHECKING:
     import onnx
@@ -34,15 +36,41 @@ if TYPE_CHECKING:
 
 class Embedder(Protocol):
     dim: int
-    image_size: int
+    image_size: int  # the side of its square input, or -1 when the model takes any size
     source: str
+    preprocess: Preprocess  # how stored pixels become its input
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...  # float32 [n, 1, H, W] -> [n, d]
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...  # float32 input (preprocess.tensor) -> [n, d]
 
 
-def save_backbone(backbone: nn.Module, path: Path, arch: str, embedding_dim: int, image_size: int) -> Path:
+def _declared(preprocess: Preprocess | None, image_size: int) -> Preprocess:
+    return preprocess if preprocess is not None else default_preprocess(image_size)
+
+
+def _preprocess_entry(preprocess: Preprocess | None, image_size: int) -> dict[str, str]:
+    """The checkpoint entry for a preprocess: none for the default one (1 channel at image_size in [-1, 1]), so the
+    default's checkpoints stay what they were; its JSON otherwise (a str: weights_only=True reads it)."""
+    if preprocess is None or preprocess == default_preprocess(image_size):
+        return {}
+    return {"preprocess": preprocess.to_json()}
+
+
+def _read_preprocess(payload: Mapping[str, Any], image_size: int) -> Preprocess:
+    text = payload.get("preprocess")
+    if text is None:
+        return default_preprocess(image_size)
+    if not isinstance(text, str):
+        raise ValueError(f"its 'preprocess' entry is a {type(text).__name__}, not JSON text")
+    return Preprocess.from_json(text)
+
+
+def save_backbone(
+    backbone: nn.Module, path: Path, arch: str, embedding_dim: int, image_size: int, preprocess: Preprocess | None = None
+) -> Path:
+    """`preprocess`: what the backbone takes (None: 1 channel at image_size, in [-1, 1]); its channel count builds it."""
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    payload = {"arch": arch, "embedding_dim": embedding_dim, "image_size": image_size, "state_dict": state}
+    payload = {"arch": arch, "embedding_dim": embedding_dim, "image_size": image_size, "state_dict": state,
+               **_preprocess_entry(preprocess, image_size)}  # fmt: skip
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
     return path
@@ -64,9 +92,10 @@ def _composite_meta(method: str, parts: Mapping[str, Mapping[str, Any]], maps: M
     if not all(isinstance(t, torch.Tensor) for t in maps.values()):
         raise ValueError("its map entries must be tensors")
     metas = {
-        role: {"arch": str(m["arch"]), "embedding_dim": int(m["embedding_dim"]), "image_size": int(m["image_size"])}
+        role: {"arch": str(m["arch"]), "embedding_dim": int(m["embedding_dim"]), "image_size": int(m["image_size"]),
+               **({"preprocess": m["preprocess"]} if m.get("preprocess") is not None else {})}
         for role, m in parts.items()
-    }
+    }  # fmt: skip
     r = maps["R"]
     if r.ndim != 2 or r.shape[0] != metas["new"]["embedding_dim"]:
         raise ValueError(f"map R has shape {tuple(r.shape)}; the new part outputs {metas['new']['embedding_dim']}-d")
@@ -77,6 +106,9 @@ def _composite_meta(method: str, parts: Mapping[str, Mapping[str, Any]], maps: M
     sizes = sorted({m["image_size"] for m in metas.values()})
     if len(sizes) != 1:
         raise ValueError(f"its parts take different image sizes {sizes}")
+    feeds = {_read_preprocess(m, m["image_size"]) for m in metas.values()}
+    if len(feeds) != 1:  # one graph, one input: every part must take the same preprocessed pixels
+        raise ValueError(f"its parts take different preprocessing {sorted(f.to_json() for f in feeds)}")
     return {"arch": method, "embedding_dim": int(r.shape[1]), "image_size": sizes[0], "parts": metas}
 
 
@@ -100,6 +132,7 @@ def save_composite(model: TrainingFreeEmbedder, path: Path, parts: Mapping[str, 
                 "embedding_dim": int(parts[role]["embedding_dim"]),
                 "image_size": int(parts[role]["image_size"]),
                 "state_dict": {k: v.detach().cpu() for k, v in modules[role].state_dict().items()},
+                **({"preprocess": str(parts[role]["preprocess"])} if parts[role].get("preprocess") is not None else {}),
             }
             for role in modules
         },
@@ -184,7 +217,10 @@ def load_backbone(path: Path) -> tuple[nn.Module, dict]:
         if isinstance(payload.get("arch"), str) and payload["arch"] in _composite_methods():
             return _load_composite(payload, refuse)
         meta = {k: payload[k] for k in ("arch", "embedding_dim", "image_size")}
-        model = build_backbone(str(meta["arch"]), int(meta["embedding_dim"]), int(meta["image_size"]))
+        feed = _read_preprocess(payload, int(meta["image_size"]))
+        if "preprocess" in payload:
+            meta["preprocess"] = payload["preprocess"]
+        model = build_backbone(str(meta["arch"]), int(meta["embedding_dim"]), int(meta["image_size"]), feed.channels)
         state = payload["state_dict"]
     except DataError:
         raise
@@ -218,7 +254,8 @@ def _load_composite(payload: dict, refuse: Callable[[str], DataError]) -> tuple[
     meta = _composite_meta(method, raw_parts, maps)
     modules: dict[str, nn.Module] = {}
     for role, part_meta in meta["parts"].items():
-        model = build_backbone(part_meta["arch"], part_meta["embedding_dim"], part_meta["image_size"])
+        feed = _read_preprocess(part_meta, part_meta["image_size"])
+        model = build_backbone(part_meta["arch"], part_meta["embedding_dim"], part_meta["image_size"], feed.channels)
         try:
             model.load_state_dict(raw_parts[role]["state_dict"])
         except _LOAD_ERRORS as err:
@@ -229,13 +266,21 @@ def _load_composite(payload: dict, refuse: Callable[[str], DataError]) -> tuple[
     composite = rebuild_composite(method, modules, maps, payload.get("a"))
     if composite.weight is not None:
         meta["a"] = composite.weight
+    if "preprocess" in meta["parts"]["new"]:
+        meta["preprocess"] = meta["parts"]["new"]["preprocess"]
     return composite, meta
+
+
+def meta_preprocess(meta: Mapping[str, Any]) -> Preprocess:
+    """The preprocess of a model rebuilt by `load_backbone`, from the meta it returned."""
+    return _read_preprocess(meta, int(meta["image_size"]))
 
 
 class TorchEmbedder:
     def __init__(self, path: Path) -> None:
         self.model, meta = load_backbone(path)
         self.dim, self.image_size, self.source = int(meta["embedding_dim"]), int(meta["image_size"]), str(path)
+        self.preprocess = meta_preprocess(meta)
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -349,42 +394,109 @@ def model_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+POOLS = ("none", "mean", "max", "mean_seq", "max_seq", "flatten")
+
+
+def _pool(y: np.ndarray, pool: str) -> np.ndarray:
+    """A tensor of the graph -> embeddings [n, d] (old.pool)."""
+    if pool == "none":
+        return y
+    if pool == "flatten":
+        return y.reshape(len(y), -1)
+    if pool in ("mean_seq", "max_seq"):  # [n, T, d] -> [n, d]
+        return y.mean(axis=1) if pool == "mean_seq" else y.max(axis=1)
+    axes = tuple(range(2, y.ndim))  # [n, C, ...] -> [n, C]
+    return (y.mean(axis=axes) if pool == "mean" else y.max(axis=axes)) if axes else y
+
+
+def onnx_preprocess(path: Path) -> Preprocess | None:
+    """The `mixbct.preprocess` an ONNX model carries in its metadata (written by `export_onnx`), if any."""
+    for prop in _read_onnx(Path(path)).metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                return Preprocess.from_json(prop.value)
+            except ValueError as err:
+                raise DataError(f"{path}: metadata {METADATA_KEY} is not a valid preprocess ({_short_reason(err)})") from None
+    return None
+
+
 class OnnxEmbedder:
-    def __init__(self, path: Path, threads: int = 2) -> None:
+    """An ONNX model as an embedder.
+
+    How to feed it, in order: `preprocess` (params: old.preprocess), else the model's own metadata, else `fallback`
+    (data.image_size / data.channels in [-1, 1]) with the channels and size read from its declared input where they
+    are fixed. A declared input that disagrees with what params or metadata say is refused, naming the field.
+    The embedding is its first output, or the tensor named `output` (any tensor of the graph: it is added to the
+    graph's outputs), pooled to [n, d] by `pool`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 2,
+        preprocess: Preprocess | None = None,
+        output: str | None = None,
+        pool: str = "none",
+        fallback: Preprocess | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         path = Path(path)
         if _sniff(path) == "empty":
             raise DataError(f"{path}: not an ONNX model (empty file, 0 bytes)")
+        if pool not in POOLS:
+            raise DataError(f"{path}: old.pool {pool!r} is not one of {', '.join(POOLS)}")
         external_data(path)  # refuses side files outside the model's folder before onnxruntime reads them
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        model_bytes: str | bytes = str(path)
+        if output is not None:
+            model_bytes = _with_output(path, output)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
             raise DataError(f"{path}: cannot load ONNX model ({_short_reason(err)})") from None
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
+        inp = self.session.get_inputs()[0]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        out = outputs[output] if output is not None else self.session.get_outputs()[0]
+        self.input_name, self.output_name, self.pool = inp.name, out.name, pool
         shape, out_shape = inp.shape, out.shape
-        if len(shape) != 4 or shape[1] != 1 or len(out_shape) != 2 or not isinstance(out_shape[1], int):
-            raise DataError(
-                f"{path}: expected input [n, 1, H, W] and output [n, d], got input {shape}, output {out_shape}"
-            )
+        if len(shape) != 4:
+            raise DataError(f"{path}: expected a 4-d image input [n, C, H, W] or [n, H, W, C], got input {shape}")
+        if pool == "none" and (len(out_shape) != 2 or not isinstance(out_shape[1], int)):
+            raise DataError(f"{path}: expected output [n, d], got {out.name!r} {out_shape}; name the embedding tensor "
+                            "(old.output) and how to pool it (old.pool)")  # fmt: skip
         for what, arg in (("input", inp), ("output", out)):
             if arg.type not in _ONNX_FLOATS:
                 raise DataError(f"{path}: {what} {arg.name!r} is {arg.type}; expected a float type")
         self.input_type, self.output_type = inp.type, out.type
-        self.image_size = int(shape[2]) if isinstance(shape[2], int) else -1
-        self.dim, self.source = int(out_shape[1]), str(path)
+        self.source = str(path)
+        declared = preprocess if preprocess is not None else onnx_preprocess(path)
+        where = "old.preprocess" if preprocess is not None else f"its metadata {METADATA_KEY}"
+        if declared is None:
+            declared = _from_input_shape(path, shape, fallback)
+            where = "data.image_size / data.channels"
+        _check_input(path, shape, declared, where)
+        self.preprocess = declared
+        size = declared.size
+        fixed = [d for d in (shape[1:3] if declared.layout == "nhwc" else shape[2:4])]
+        self.image_size = size[0] if size is not None and size[0] == size[1] and all(isinstance(d, int) for d in fixed) else -1
+        if pool == "none":
+            self.dim = int(out_shape[1])
+        elif size is not None:  # the pooled width, from one all-zero image
+            self.dim = int(self(np.zeros((1, *declared.input_shape), dtype=np.float32)).shape[1])
+        else:
+            raise DataError(f"{path}: cannot tell the embedding size of {out.name!r} pooled by {pool!r} without an input "
+                            "size; set old.preprocess.size")  # fmt: skip
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)  # [n, 1, H, W]
+        x = np.ascontiguousarray(x, dtype=np.float32)  # the preprocessed batch
         if "tensor(bfloat16)" not in (self.input_type, self.output_type):
             feed = x.astype(_ONNX_FLOATS[self.input_type], copy=False)
             y = self.session.run([self.output_name], {self.input_name: feed})[0]
-            return np.asarray(y, dtype=np.float32)  # [n, d]
-        return self._run_bfloat16(x)
+            return np.ascontiguousarray(_pool(np.asarray(y, dtype=np.float32), self.pool))  # [n, d]
+        return np.ascontiguousarray(_pool(self._run_bfloat16(x), self.pool))
 
     def _run_bfloat16(self, x: np.ndarray) -> np.ndarray:
         """onnxruntime's numpy bridge has no bfloat16: bind its bit patterns through OrtValues instead."""
@@ -400,56 +512,127 @@ class OnnxEmbedder:
             binding.bind_output(self.output_name)
             self.session.run_with_iobinding(binding)
             return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+        if self.pool != "none":
+            binding.bind_output(self.output_name)
+            self.session.run_with_iobinding(binding)
+            return _from_bfloat16(np.asarray(binding.copy_outputs_to_cpu()[0]))
         bits = np.empty((len(x), self.dim), dtype=np.uint16)  # [n, d], filled in place by onnxruntime
         binding.bind_ortvalue_output(self.output_name, OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _BFLOAT16))
         self.session.run_with_iobinding(binding)
         return _from_bfloat16(bits)
 
 
-def load_embedder(path: str | os.PathLike[str], threads: int = 2) -> Embedder:
-    """An old or new model: an ONNX file or a checkpoint written by `save_backbone`, told apart by content."""
+def _with_output(path: Path, name: str) -> bytes:
+    """The model with tensor `name` added to its graph outputs (serialised), so onnxruntime returns it."""
+    import onnx
+
+    model = onnx.load_model(str(path), load_external_data=True)  # side files: checked by external_data() first
+    if any(o.name == name for o in model.graph.output):
+        return model.SerializeToString()
+    produced = {t for node in model.graph.node for t in node.output}
+    if name not in produced:
+        near = sorted(t for t in produced if name.split(".")[0] in t)[:5]
+        raise DataError(f"{path}: old.output {name!r} is not a tensor of the graph" + (f" (similar: {near})" if near else ""))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        info = {v.name: v for v in inferred.graph.value_info}.get(name)
+    except Exception:  # shape inference is best effort: an unknown type is declared float
+        info = None
+    model.graph.output.append(info if info is not None else onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def _from_input_shape(path: Path, shape: list[Any], fallback: Preprocess | None) -> Preprocess:
+    """No params, no metadata: the fallback (data.* in [-1, 1]) with channels and size taken from the declared input
+    where they are fixed (NCHW, the ONNX convention; an input whose second axis is not 1 or 3 but whose last is, NHWC)."""
+    base = fallback if fallback is not None else default_preprocess(32)
+    nhwc = shape[1] not in (1, 3) and shape[3] in (1, 3)
+    c, h, w = (shape[3], shape[1], shape[2]) if nhwc else (shape[1], shape[2], shape[3])
+    channels = c if c in (1, 3) else base.channels
+    if isinstance(h, int) and isinstance(w, int):
+        size: tuple[int, int] | None = (h, w)
+    else:
+        size = base.size if fallback is not None else None
+    mean = base.mean if len(base.mean) in (1, channels) else base.mean[:1]
+    std = base.std if len(base.std) in (1, channels) else base.std[:1]
+    return Preprocess(size=size, channels=channels, mean=mean, std=std, order=base.order,
+                      layout="nhwc" if nhwc else "nchw")  # fmt: skip
+
+
+def _check_input(path: Path, shape: list[Any], pre: Preprocess, where: str) -> None:
+    """Refuse a declared ONNX input that disagrees with the preprocess that will feed it."""
+    c, h, w = (shape[3], shape[1], shape[2]) if pre.layout == "nhwc" else (shape[1], shape[2], shape[3])
+    if isinstance(c, int) and c != pre.channels:
+        raise DataError(f"{path}: the model's input takes {c} channel(s) ({pre.layout}, input {shape}), but {where} "
+                        f"says channels = {pre.channels}")  # fmt: skip
+    if pre.size is not None:
+        for axis, declared, want in (("height", h, pre.size[0]), ("width", w, pre.size[1])):
+            if isinstance(declared, int) and declared != want:
+                raise DataError(f"{path}: the model's input {axis} is {declared} (input {shape}), but {where} says "
+                                f"size = {list(pre.size)}")  # fmt: skip
+
+
+def load_embedder(
+    path: str | os.PathLike[str],
+    threads: int = 2,
+    preprocess: Preprocess | None = None,
+    output: str | None = None,
+    pool: str = "none",
+    fallback: Preprocess | None = None,
+) -> Embedder:
+    """An old or new model: an ONNX file or a checkpoint written by `save_backbone`, told apart by content.
+
+    `preprocess`, `output`, `pool` (params: old.*) and `fallback` (data.*) apply to ONNX models, see OnnxEmbedder;
+    a checkpoint of this project knows its own preprocess."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: model file not found")
     if model_format(path) == "onnx":
-        return OnnxEmbedder(path, threads=threads)
+        return OnnxEmbedder(path, threads=threads, preprocess=preprocess, output=output, pool=pool, fallback=fallback)
+    if output is not None or pool != "none":
+        raise DataError(f"{path}: old.output / old.pool apply to ONNX models; a checkpoint of this project outputs its embedding")
     return TorchEmbedder(path)
 
 
-def check_compatible_dims(old: Embedder, new_dim: int, image_size: int, name: str | None = None) -> None:
-    """Refuse an old model whose embedding size or input size cannot pair with the new model."""
+def check_compatible_dims(old: Embedder, new_dim: int, image_size: int | None = None, name: str | None = None) -> None:
+    """Refuse an old model whose embedding size cannot pair with the new model. Input sizes need no check here: each
+    model's preprocess resizes the stored images to its own input (and OnnxEmbedder refuses a declared input that
+    disagrees with its preprocess)."""
     name = name or old.source
     if old.dim != new_dim:
         raise IncompatibleModel(
             f"{name}: old model outputs {old.dim}-d embeddings but train.embedding_dim is {new_dim}; "
             "MixBCT replaces rows, so both must be equal"
         )
-    if old.image_size not in (-1, image_size):
-        raise IncompatibleModel(
-            f"{name}: old model expects {old.image_size}px inputs but data.image_size is {image_size}"
-        )
 
 
 def extract(
     embedder: Embedder,
-    images: np.ndarray,  # [N, H, W] uint8
+    images: np.ndarray,  # [N, H, W] or [N, H, W, 3] uint8, stored pixels
     batch_size: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Embeddings [N, d] float32, in input order."""
+    """Embeddings [N, d] float32, in input order; each batch goes through the embedder's own preprocess."""
     out = np.empty((len(images), embedder.dim), dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-        out[start : start + len(chunk)] = embedder(to_input(chunk).numpy())
+        chunk = np.ascontiguousarray(images[start : start + batch_size])
+        out[start : start + len(chunk)] = embedder(embedder.preprocess.array(chunk))
         if progress is not None:
             progress(len(chunk))
     return out
 
 
-def export_onnx(backbone: nn.Module, path: Path, image_size: int) -> Path:
-    """Export with a dynamic batch dimension, weights inside the one .onnx file."""
+def export_onnx(backbone: nn.Module, path: Path, preprocess: Preprocess | int) -> Path:
+    """Export with a dynamic batch dimension, weights inside the one .onnx file, and the preprocess that feeds it
+    in the model's metadata (`mixbct.preprocess`), so a registered version says how to feed it. An int is the
+    default preprocess at that size (1 channel, [-1, 1])."""
+    import onnx
+
+    pre = default_preprocess(preprocess) if isinstance(preprocess, int) else preprocess
+    if pre.size is None:
+        raise ValueError("export_onnx: the preprocess must fix the input size")
     backbone = backbone.eval()
-    example = torch.zeros(2, 1, image_size, image_size)
+    example = torch.zeros(2, *pre.input_shape)
     with atomic_path(path, suffix=".onnx") as tmp:
         torch.onnx.export(
             backbone,
@@ -462,13 +645,18 @@ def export_onnx(backbone: nn.Module, path: Path, image_size: int) -> Path:
             dynamo=True,
             verbose=False,
         )
+        model = onnx.load_model(str(tmp))
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: pre.to_json()})
+        onnx.save_model(model, str(tmp))
     return path
 
 
 def onnx_parity(backbone: nn.Module, onnx_path: Path, images: np.ndarray, threads: int = 2) -> float:
-    """Max |torch − onnxruntime| over the embeddings of `images` [n, H, W] uint8."""
-    x = to_input(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    """Max |torch − onnxruntime| over the embeddings of stored `images` ([n, H, W] or [n, H, W, 3] uint8), both fed
+    by the preprocess the ONNX model declares."""
+    onnx_model = OnnxEmbedder(onnx_path, threads=threads)
+    x = onnx_model.preprocess.array(np.ascontiguousarray(images))
     with torch.inference_mode():
         ref = backbone.eval()(torch.from_numpy(x)).numpy()
-    got = OnnxEmbedder(onnx_path, threads=threads)(x)
+    got = onnx_model(x)
     return float(np.max(np.abs(ref - got)))

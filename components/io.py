@@ -148,6 +148,24 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None], suf
     return Path(path)
 
 
+def read_at(fd: int, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset` of an open descriptor, without moving a shared file position (os.pread; a
+    seek on Windows, where a caller's descriptor is its own). Fewer bytes only at the end of the file."""
+    chunks: list[bytes] = []
+    while size > 0:
+        if hasattr(os, "pread"):
+            chunk = os.pread(fd, size, offset)
+        else:
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunk = os.read(fd, size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,7 +1,8 @@
 """Embedding backbones, built by name.
 
-The old model is a small CNN; the new one a larger residual CNN with the same embedding dimension
-(method.md: IResNet-18 old vs IResNet-50 new at face scale; here scaled to 2 CPU cores).
+The embedded default's old model is a small CNN, its new one a larger residual CNN with the same embedding
+dimension (method.md: IResNet-18 old vs IResNet-50 new at face scale, scaled here to 2 CPU cores); the face pair
+itself is `iresnet18` / `iresnet50` (components/iresnet.py).
 Backbones output raw (unnormalised) embeddings; heads and retrieval normalise.
 """
 
@@ -11,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from components.iresnet import ARCHS as IRESNET_ARCHS
 
 _ARCHS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -23,14 +26,18 @@ def register_arch(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..
     return wrap
 
 
+_ARCHS.update(IRESNET_ARCHS)  # insightface's iresnet18 / 34 / 50 / 100 (the face pair: 18 old, 50 new)
+
+
 def available_archs() -> list[str]:
     return sorted(_ARCHS)
 
 
-def build_backbone(arch: str, embedding_dim: int, image_size: int) -> nn.Module:
+def build_backbone(arch: str, embedding_dim: int, image_size: int, in_channels: int = 1) -> nn.Module:
+    """A backbone taking float [B, in_channels, image_size, image_size] (components.preprocess) to [B, d]."""
     if arch not in _ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(available_archs())}")
-    return _ARCHS[arch](embedding_dim=embedding_dim, image_size=image_size)
+    return _ARCHS[arch](embedding_dim=embedding_dim, image_size=image_size, in_channels=in_channels)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -55,17 +62,19 @@ class EmbeddingOutput(nn.Module):
 class SmallCNN(nn.Module):
     """Three conv stages (16-32-64 channels), each halving the resolution."""
 
-    def __init__(self, embedding_dim: int, image_size: int, widths: tuple[int, ...] = (16, 32, 64)) -> None:
+    def __init__(
+        self, embedding_dim: int, image_size: int, widths: tuple[int, ...] = (16, 32, 64), in_channels: int = 1
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        cin = 1
+        cin = in_channels
         for w in widths:
             layers += [_conv_bn(cin, w), nn.MaxPool2d(2)]
             cin = w
         self.body = nn.Sequential(*layers)
         self.output = EmbeddingOutput(cin, image_size // 2 ** len(widths), embedding_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 1, H, W] in [-1, 1]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W], normalised
         return self.output(self.body(x))
 
 
@@ -94,9 +103,10 @@ class ResNetSmall(nn.Module):
         image_size: int,
         widths: tuple[int, ...] = (32, 64, 128),
         blocks: tuple[int, ...] = (2, 2, 2),
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
-        self.stem = _conv_bn(1, widths[0])
+        self.stem = _conv_bn(in_channels, widths[0])
         stages: list[nn.Module] = []
         cin = widths[0]
         for w, n in zip(widths, blocks, strict=True):
@@ -106,18 +116,18 @@ class ResNetSmall(nn.Module):
         self.body = nn.Sequential(*stages)
         self.output = EmbeddingOutput(cin, image_size // 2 ** len(widths), embedding_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 1, H, W] in [-1, 1]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W], normalised
         return self.output(self.body(self.stem(x)))
 
 
 @register_arch("small_cnn")
-def small_cnn(embedding_dim: int, image_size: int) -> nn.Module:
-    return SmallCNN(embedding_dim, image_size)
+def small_cnn(embedding_dim: int, image_size: int, in_channels: int = 1) -> nn.Module:
+    return SmallCNN(embedding_dim, image_size, in_channels=in_channels)
 
 
 @register_arch("resnet_small")
-def resnet_small(embedding_dim: int, image_size: int) -> nn.Module:
-    return ResNetSmall(embedding_dim, image_size)
+def resnet_small(embedding_dim: int, image_size: int, in_channels: int = 1) -> nn.Module:
+    return ResNetSmall(embedding_dim, image_size, in_channels=in_channels)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -54,8 +54,9 @@ def _prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
 
 def _legacy(cfg: Config, paths: Paths) -> dict[str, Any]:
     return _stages().legacy(
-        cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.runtime.threads, tolerance=cfg.evaluate.onnx_tolerance
-    )
+        cfg.legacy, cfg.old, cfg.data.image_size, paths, cfg.runtime.threads, tolerance=cfg.evaluate.onnx_tolerance,
+        data=cfg.data,
+    )  # fmt: skip
 
 
 def _extract(cfg: Config, paths: Paths) -> dict[str, Any]:
@@ -94,7 +95,7 @@ _ROC = tuple(f"eval/roc_{q}_{g}.csv" for q, g in (("old", "old"), ("new", "old")
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", _prepare, ("check_inputs", "prepare"), ("data",), (), ("dataset", "reports/data_validation.md"),
           retries=1),
-    Stage("legacy", _legacy, ("legacy",), ("legacy", "old", "data.image_size", "evaluate.onnx_tolerance"), ("prepare",),
+    Stage("legacy", _legacy, ("legacy",), ("legacy", "old", "data.image_size", "data.channels", "evaluate.onnx_tolerance"), ("prepare",),
           ("legacy",)),
     Stage("extract", _extract, ("extract_old",), ("extract", "train.embedding_dim", "data.image_size"),
           ("prepare", "legacy"), ("old_features", "reports/legacy_gallery_validation.md")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,12 @@ from components.errors import ConfigError, DataError
 from components import keys
 from components.io import atomic_dir, atomic_path, file_sha256, save_npy, tree_sha256, write_json, write_text
 from components.paths import Paths
+from components.preprocess import Preprocess
 from components.progress import bar
+
+if TYPE_CHECKING:
+    from components.data.store import ImageRows
+    from components.embed import Embedder
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -39,17 +44,35 @@ def load_manifest(paths: Paths) -> pd.DataFrame:
     return pd.read_csv(paths.manifest, dtype={"identity": str, "source": str, "id": str, "split": str})
 
 
-def load_images(paths: Paths) -> np.ndarray:
-    return np.load(paths.images, mmap_mode="r")
+def load_images(paths: Paths) -> ImageRows:
+    """Every stored image, as a lazy view (components.data.store): rows are read when indexed."""
+    from components.data.store import ImageRows
+
+    if not paths.images.is_file():
+        raise DataError(f"{paths.images}: stored images not found (run the prepare stage first)")
+    return ImageRows(paths.images)
 
 
-def split_arrays(paths: Paths, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images [n, H, W] uint8, labels [n]) of one split, in manifest order."""
+def split_arrays(paths: Paths, split: str) -> tuple[ImageRows, np.ndarray]:
+    """(images, labels [n]) of one split, in manifest order; images is a lazy uint8 view [n, H, W(, 3)]: index it
+    (a slice, an int, positions) to read pixels."""
     from components.data.manifest import split_rows
 
     manifest = load_manifest(paths)
     rows = split_rows(manifest, split)
-    return np.asarray(load_images(paths)[rows]), manifest["label"].to_numpy()[rows].astype(np.int64)
+    return load_images(paths).subset(rows), manifest["label"].to_numpy()[rows].astype(np.int64)
+
+
+def stored_preprocess(paths: Paths) -> Preprocess:
+    """The default input of the project's own models: the stored images' size and channels, in [-1, 1]."""
+    from components.preprocess import default_preprocess
+
+    shape = load_images(paths).shape  # [N, H, W] or [N, H, W, 3]
+    return default_preprocess(int(shape[1]), 1 if len(shape) == 3 else int(shape[3]))
+
+
+def model_preprocess(declared: Preprocess | None, paths: Paths) -> Preprocess:
+    return declared if declared is not None else stored_preprocess(paths)
 
 
 def prepare(cfg: DataConfig, paths: Paths, workers: int = 2) -> dict[str, Any]:
@@ -59,22 +82,22 @@ def prepare(cfg: DataConfig, paths: Paths, workers: int = 2) -> dict[str, Any]:
 
     manifest = build_manifest(cfg)
     classes = num_classes(manifest)
-    decode = decoder(cfg, manifest)  # keeps what it decodes: each image is decoded once, here
-    report = validate_manifest(
-        manifest,
-        classes,
-        decode=decode,
-        source_name=cfg.root,
-        report_path=paths.reports / "data_validation.md",
-        shared_train_samples=cfg.scenario.startswith("extended"),
-    )
-    report.raise_for_failure(paths.reports / "data_validation.md")
-    with bar("render dataset" if cfg.source == "kanjivg" else "load images", 1) as advance:
-        images = materialize(cfg, manifest, workers=workers, decoded=decode)
-        advance(1)
     with atomic_dir(paths.dataset) as tmp:
+        # The decoder writes what it decodes straight into tmp/images.npy: each image is decoded once, here, and
+        # the dataset is never held in memory. A failed expectation discards the folder.
+        decode = decoder(cfg, manifest, tmp / "images.npy")
+        report = validate_manifest(
+            manifest,
+            classes,
+            decode=decode,
+            source_name=cfg.root,
+            report_path=paths.reports / "data_validation.md",
+            shared_train_samples=cfg.scenario.startswith("extended"),
+        )
+        report.raise_for_failure(paths.reports / "data_validation.md")
+        with bar("render dataset" if cfg.source == "kanjivg" else "load images", len(manifest)) as advance:
+            materialize(cfg, manifest, tmp / "images.npy", workers=workers, decoded=decode, progress=advance)
         manifest.to_csv(tmp / "manifest.csv", index=False)
-        np.save(tmp / "images.npy", images)
         write_json(tmp / "summary.json", {"rows": len(manifest), "classes": classes, "splits": _split_counts(manifest)})
     return {"manifest": str(paths.manifest), "rows": len(manifest), "classes": classes}
 
@@ -104,8 +127,8 @@ def check_inputs(cfg: Config, paths: Paths) -> dict[str, Any]:
         from components.embed import check_compatible_dims, load_embedder
         from components.validation import validate_embeddings
 
-        embedder = load_embedder(cfg.old.model, threads=cfg.runtime.threads)
-        check_compatible_dims(embedder, cfg.train.embedding_dim, cfg.data.image_size, name=cfg.old.model)
+        embedder = load_embedder(cfg.old.model, threads=cfg.runtime.threads, **old_feed(cfg.old, cfg.data))
+        check_compatible_dims(embedder, cfg.train.embedding_dim, name=cfg.old.model)
         gallery_rows = manifest.iloc[split_rows(manifest, "gallery")]
         gallery, _ = _load_gallery_file(Path(cfg.old.gallery), gallery_rows)
         report_path = paths.reports / "user_gallery_validation.md"  # the extract stage re-checks the imported copy
@@ -143,8 +166,35 @@ def gallery_path(paths: Paths) -> Path:
     return paths.legacy / "gallery.npy"
 
 
+def old_feed(old: OldConfig, data: DataConfig) -> dict[str, Any]:
+    """How a user's old model is fed and read (params old.preprocess / old.output / old.pool, data.* as the
+    fallback): load_embedder's keyword arguments."""
+    from components.preprocess import default_preprocess
+
+    return {"preprocess": old.preprocess, "output": old.output, "pool": old.pool,
+            "fallback": default_preprocess(data.image_size, data.channels)}  # fmt: skip
+
+
+def old_embedder(paths: Paths, threads: int = 2) -> Embedder:
+    """The old model as the legacy stage recorded it, fed as it recorded (info.json "feed": the preprocess that
+    was resolved for it, its embedding tensor and pooling)."""
+    from components.embed import load_embedder
+    from components.preprocess import Preprocess
+
+    feed = legacy_info(paths).get("feed") or {}
+    pre = Preprocess.from_json(feed["preprocess"]) if feed.get("preprocess") else None
+    return load_embedder(old_model_path(paths), threads=threads, preprocess=pre, output=feed.get("output"),
+                         pool=feed.get("pool", "none"))  # fmt: skip
+
+
 def legacy(
-    cfg: LegacyConfig, old: OldConfig, image_size: int, paths: Paths, threads: int = 2, tolerance: float = 1e-4
+    cfg: LegacyConfig,
+    old: OldConfig,
+    image_size: int,
+    paths: Paths,
+    threads: int = 2,
+    tolerance: float = 1e-4,
+    data: DataConfig | None = None,
 ) -> dict[str, Any]:
     """The system a user already has: an old model and the gallery embeddings it wrote.
 
@@ -157,7 +207,8 @@ def legacy(
     with atomic_dir(paths.legacy) as out:
         if old.model is not None and old.gallery is not None:
             src = Path(old.model)
-            embedder = load_embedder(src, threads=threads)  # fails early, naming the file, if unreadable
+            feed = old_feed(old, data if data is not None else DataConfig(image_size=image_size))
+            embedder = load_embedder(src, threads=threads, **feed)  # fails early, naming the file, if unreadable
             model_name = _copy_model(src, out)
             from components.data.manifest import split_rows
 
@@ -171,6 +222,8 @@ def legacy(
                 "source_gallery": str(old.gallery),
                 "source_gallery_sha256": file_sha256(old.gallery),
                 "embedding_dim": embedder.dim,
+                # how every later stage feeds it: resolved once, here (params, else its metadata, else data.*)
+                "feed": {"preprocess": embedder.preprocess.to_json(), "output": old.output, "pool": old.pool},
                 **matched,
             }
         else:
@@ -184,7 +237,8 @@ def legacy(
             if len(labels) == 0:
                 raise DataError("old_train split is empty: set old.model and old.gallery, or data.old_fraction > 0")
             n_classes = int(labels.max()) + 1
-            backbone = build_backbone(cfg.arch, cfg.embedding_dim, image_size)
+            pre = model_preprocess(cfg.preprocess, paths)
+            backbone = build_backbone(cfg.arch, cfg.embedding_dim, pre.square, pre.channels)
             head = SoftmaxHead(cfg.embedding_dim, n_classes) if cfg.head == "softmax" else ArcFaceHead(
                 cfg.embedding_dim, n_classes
             )
@@ -195,12 +249,12 @@ def legacy(
             steps = (len(labels) // cfg.batch_size) * cfg.epochs
             with bar(f"train old model ({cfg.arch}, {cfg.head})", steps) as advance:
                 history = fit(
-                    ClassifierTask(backbone, head), backbone, TrainArrays(images, labels), loop,
+                    ClassifierTask(backbone, head), backbone, TrainArrays(images, labels, preprocess=pre), loop,
                     checkpoint=paths.root / "checkpoints" / f"{keys.legacy_checkpoint(cfg, image_size, file_sha256(paths.manifest))}.pt",
                     progress=lambda s, t: advance(1),
                 )  # fmt: skip
             backbone.eval()
-            save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
+            save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, pre.square, pre)
             # The old classifier, by identity: BCT's influence loss uses its rows for the classes it saw.
             weight = head.fc.weight if isinstance(head, SoftmaxHead) else head.weight  # [C_old, d]
             manifest = load_manifest(paths)
@@ -209,7 +263,7 @@ def legacy(
             with atomic_path(out / "head.npz", suffix=".npz") as tmp:
                 np.savez(tmp, weight=weight.detach().float().numpy(), identities=names.to_numpy().astype(str),
                          head=np.array(cfg.head))  # fmt: skip
-            export_onnx(backbone, out / "model.onnx", image_size)
+            export_onnx(backbone, out / "model.onnx", pre)
             gallery_images, _ = split_arrays(paths, "gallery")
             parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
             if not parity <= tolerance:  # NaN fails too
@@ -343,10 +397,10 @@ def validate_gallery(paths: Paths, embedding_dim: int, suite: str = "legacy_gall
 def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: Paths, threads: int = 2) -> dict[str, Any]:
     """Old features of every new-training image (dataset order) and MixBCT's credible mask (T = keep)."""
     from components.credible import credible_mask
-    from components.embed import check_compatible_dims, extract, load_embedder
+    from components.embed import check_compatible_dims, extract
 
-    embedder = load_embedder(old_model_path(paths), threads=threads)
-    check_compatible_dims(embedder, embedding_dim, image_size, name=legacy_info(paths).get("source_model"))
+    embedder = old_embedder(paths, threads=threads)
+    check_compatible_dims(embedder, embedding_dim, name=legacy_info(paths).get("source_model"))
     validate_gallery(paths, embedding_dim)
     images, labels = split_arrays(paths, "new_train")
     with bar(f"extract old features ({Path(embedder.source).name})", len(images)) as advance:
@@ -379,9 +433,10 @@ def train(cfg: TrainConfig, image_size: int, paths: Paths, role: str = "new", th
     method_name = cfg.method if role == "new" else "none"
     backbone, history, checkpoint = _fit_backbone(cfg, image_size, paths, role, method_name)
     gallery_images, _ = split_arrays(paths, "gallery")
+    pre = model_preprocess(cfg.preprocess, paths)
     with atomic_dir(paths.model_dir(role)) as out:
-        save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, image_size)
-        export_onnx(backbone, out / "model.onnx", image_size)
+        save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, pre.square, pre)
+        export_onnx(backbone, out / "model.onnx", pre)
         parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
         write_json(out / "history.json", history)
         _write_history_csv(out / "history.csv", history)
@@ -407,14 +462,15 @@ def _fit_backbone(
     torch.manual_seed(cfg.seed)
     images, labels = split_arrays(paths, "new_train")
     n_classes = int(labels.max()) + 1
-    backbone = build_backbone(cfg.arch, cfg.embedding_dim, image_size)
+    pre = model_preprocess(cfg.preprocess, paths)
+    backbone = build_backbone(cfg.arch, cfg.embedding_dim, pre.square, pre.channels)
     method = build_method(
         method_name, embedding_dim=cfg.embedding_dim, num_classes=n_classes, s=cfg.arcface_s, m=cfg.arcface_m,
         seed=cfg.seed, args=cfg.method_args if role == "new" else {},  # the paragon ("none") takes no arguments
     )  # fmt: skip
     old = credible = old_sha256 = None
     if method.needs_old_features:
-        old = np.load(paths.old_features / "features.npy")
+        old = np.load(paths.old_features / "features.npy", mmap_mode="r")  # a step copies its own rows
         credible = np.load(paths.old_features / "credible.npy")
         if old.shape[1] != cfg.embedding_dim:
             from components.errors import IncompatibleModel
@@ -437,7 +493,7 @@ def _fit_backbone(
     steps = (len(labels) // cfg.batch_size) * cfg.epochs
     with bar(f"train {role} ({cfg.arch}, method={method_name})", steps) as advance:
         history = fit(
-            task, backbone, TrainArrays(images, labels, old, credible), loop,
+            task, backbone, TrainArrays(images, labels, old, credible, preprocess=pre), loop,
             checkpoint=paths.root / "checkpoints" / f"{checkpoint}.pt",
             progress=lambda s, t: advance(1),
         )  # fmt: skip
@@ -466,15 +522,14 @@ def _old_classifier(paths: Paths, n_classes: int, dim: int) -> tuple[np.ndarray,
     return rows, known
 
 
-def _torch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+def _torch_features(model: torch.nn.Module, images: Any, preprocess: Preprocess, batch_size: int = 512) -> np.ndarray:
     """Raw embeddings [n, d] float32 of a torch model (eval mode, no grad), in input order."""
-    from components.preprocess import to_input
+    from components.data.store import batches, chunks
 
     out = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            out.append(model.eval()(to_input(chunk)).float().numpy())
+        for x in batches(images, preprocess, chunks(len(images), batch_size)):
+            out.append(model.eval()(x).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -483,7 +538,7 @@ def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -
     images, embedded by the paragon and, in the extract stage, by the old model). SLERP's weight, when not fixed,
     is chosen on the validation identities: the a whose top-1 min(new/old − old/old, new/new − old/old) is the
     highest (components.training_free.choose_slerp_weight). Test identities are never read here."""
-    from components.embed import export_onnx, load_backbone, load_embedder, onnx_parity, save_composite
+    from components.embed import export_onnx, load_backbone, onnx_parity, save_composite
     from components.evaluate import retrieval_metrics
     from components.training_free import build_training_free
 
@@ -495,7 +550,8 @@ def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -
     else:  # trained here under the paragon's checkpoint name: the paragon stage then finds it finished
         backbone, history, _ = _fit_backbone(cfg, image_size, paths, "paragon", "none")
     images, _ = split_arrays(paths, "new_train")
-    new_feats = _torch_features(backbone, images)
+    pre = model_preprocess(cfg.preprocess, paths)
+    new_feats = _torch_features(backbone, images, pre)
     old_feats = np.load(paths.old_features / "features.npy")
     old_backbone, old_meta = None, None
     if cfg.method == "slerp":
@@ -506,16 +562,22 @@ def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -
                 f"({old_pt} is absent: the old model is {old_model_path(paths).name}); use procrustes or adapter"
             )
         old_backbone, old_meta = load_backbone(old_pt)
+        from components.embed import meta_preprocess
+
+        if meta_preprocess(old_meta) != pre:
+            raise ConfigError(f"train.method slerp runs both models on one input, but the old model takes "
+                              f"{meta_preprocess(old_meta).to_json()} and the new one {pre.to_json()}; use procrustes "
+                              "or adapter")  # fmt: skip
     score = None
     val_images, val_labels = {}, {}
     for split in ("val_query", "val_gallery"):
         val_images[split], val_labels[split] = split_arrays(paths, split)
     if len(val_labels["val_query"]) and len(val_labels["val_gallery"]):
-        old_emb = load_embedder(old_model_path(paths), threads=threads)
+        old_emb = old_embedder(paths, threads=threads)
         from components.embed import extract
 
         old_val = {k: extract(old_emb, v) for k, v in val_images.items()}
-        new_val = {k: _torch_features(backbone, v) for k, v in val_images.items()}
+        new_val = {k: _torch_features(backbone, v, pre) for k, v in val_images.items()}
         yq, yb = val_labels["val_query"], val_labels["val_gallery"]
         base = retrieval_metrics(old_val["val_query"], yq, old_val["val_gallery"], yb, ks=(1,))["top1"]
 
@@ -530,13 +592,16 @@ def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -
         raise ConfigError("train.method_args.weight: null means chosen on the validation split, but there is none "
                           "(data.val_identities is 0): set a weight or a validation split")  # fmt: skip
     module, fitted = build_training_free(cfg.method, backbone, old_backbone, new_feats, old_feats, cfg.method_args, score)
-    parts = {"new": {"arch": cfg.arch, "embedding_dim": cfg.embedding_dim, "image_size": image_size}}
+    from components.embed import _preprocess_entry
+
+    parts = {"new": {"arch": cfg.arch, "embedding_dim": cfg.embedding_dim, "image_size": pre.square,
+                     **_preprocess_entry(pre, pre.square)}}  # fmt: skip
     if old_meta is not None:
-        parts["old"] = {k: old_meta[k] for k in ("arch", "embedding_dim", "image_size")}
+        parts["old"] = {k: old_meta[k] for k in ("arch", "embedding_dim", "image_size", "preprocess") if k in old_meta}
     gallery_images, _ = split_arrays(paths, "gallery")
     with atomic_dir(paths.model_dir("new")) as out:
         save_composite(module, out / "model.pt", parts)
-        export_onnx(module, out / "model.onnx", image_size)
+        export_onnx(module, out / "model.onnx", pre)
         parity = onnx_parity(module, out / "model.onnx", gallery_images[:64], threads=threads)
         write_json(out / "history.json", history)
         _write_history_csv(out / "history.csv", history)
@@ -576,7 +641,7 @@ def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, A
 
     manifest = load_manifest(paths)
     counts = manifest["split"].value_counts()
-    models = {"old": load_embedder(old_model_path(paths), threads=threads)}
+    models = {"old": old_embedder(paths, threads=threads)}
     for role in ("new", "paragon"):
         model = paths.model_dir(role) / "model.onnx"
         if model.is_file():

@@ -6,17 +6,19 @@ Backward compatibility lives here (through the method), never inside a backbone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from components.data.store import batches, chunks
 from components.losses import CompatibilityMethod
-from components.preprocess import to_input
+from components.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
 class Batch:
-    x: torch.Tensor  # [b, 1, H, W] float in [-1, 1]
+    x: torch.Tensor  # [b, C, H, W] float: the backbone's preprocessed input
     labels: torch.Tensor  # [b] int64
     old: torch.Tensor | None = None  # [b, d] old-model features of the same images
     credible: torch.Tensor | None = None  # [b] bool
@@ -32,8 +34,9 @@ class TrainingTask(nn.Module):
     def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
         """Dataset-level state, once before training (a resumed checkpoint then overrides it)."""
 
-    def on_epoch_start(self, epoch: int, epochs: int, images: torch.Tensor) -> None:
-        """Called before each epoch with the training images [N, H, W] uint8."""
+    def on_epoch_start(self, epoch: int, epochs: int, images: Any, preprocess: Preprocess) -> None:
+        """Called before each epoch with the training images (uint8 [N, H, W(, 3)], an array or a lazy
+        components.data.store.ImageRows) and the preprocess that feeds the backbone."""
 
 
 class CompatibleTask(TrainingTask):
@@ -51,12 +54,12 @@ class CompatibleTask(TrainingTask):
     def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
         self.method.prepare(old, labels)
 
-    def on_epoch_start(self, epoch: int, epochs: int, images: torch.Tensor) -> None:
+    def on_epoch_start(self, epoch: int, epochs: int, images: Any, preprocess: Preprocess) -> None:
         def embed_train() -> torch.Tensor:
             was_training = self.backbone.training
             self.backbone.eval()
             with torch.no_grad():
-                out = torch.cat([self.backbone(to_input(images[i : i + 512])) for i in range(0, len(images), 512)])
+                out = torch.cat([self.backbone(x) for x in batches(images, preprocess, chunks(len(images), 512))])
             self.backbone.train(was_training)
             return out  # [N, d]
 

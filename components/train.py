@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.data.store import ImageRows, batches
 from components.io import atomic_path
-from components.preprocess import to_input
+from components.preprocess import Preprocess, default_preprocess
 from components.task import Batch, TrainingTask
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,15 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class TrainArrays:
-    """Everything a step reads, held in memory (CPU scale: tens of thousands of small images)."""
+    """Everything a step reads. Images are a lazy view (components.data.store.ImageRows: each batch is read when it
+    is needed) or an array; old features may be a memory map: a step copies only its own rows."""
 
-    images: np.ndarray  # [N, H, W] uint8
+    images: ImageRows | np.ndarray  # [N, H, W] or [N, H, W, 3] uint8
     labels: np.ndarray  # [N] int
     old: np.ndarray | None = None  # [N, d] float32 old features, dataset order
     credible: np.ndarray | None = None  # [N] bool
+    preprocess: Preprocess | None = None  # None: 1 channel at the images' own size, in [-1, 1]
+    workers: int = 0  # DataLoader processes reading and preprocessing batches ahead (0: this process)
 
 
 def poly_lr(base: float, step: int, total: int) -> float:
@@ -70,9 +74,10 @@ def fit(
     `backbone` is the part of `task` whose gradient norm is clipped (method.md). `progress(step, total)` is
     called after every step.
     """
-    images = torch.from_numpy(np.ascontiguousarray(data.images))
+    images = data.images
+    preprocess = data.preprocess if data.preprocess is not None else default_preprocess(int(images.shape[1]))
     labels = torch.from_numpy(data.labels.astype(np.int64))
-    old = torch.from_numpy(data.old.astype(np.float32)) if data.old is not None else None
+    old_rows = data.old  # [N, d], possibly a memory map: rows are copied per step
     credible = torch.from_numpy(data.credible.astype(bool)) if data.credible is not None else None
     n = len(labels)
     steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees b rows, so floor(α·b) is constant
@@ -82,7 +87,8 @@ def fit(
     optimizer = torch.optim.SGD(task.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    task.prepare(old, labels)  # dataset-level state of the method; a resumed checkpoint then overrides it
+    task.prepare(torch.from_numpy(np.asarray(old_rows, dtype=np.float32)) if old_rows is not None else None, labels)
+    # ^ dataset-level state of the method; a resumed checkpoint then overrides it
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         task.load_state_dict(state["task"])
@@ -92,26 +98,27 @@ def fit(
         log.info("resuming from %s: %d of %d epochs done", checkpoint, start_epoch, cfg.epochs)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 7)
     for epoch in range(start_epoch, cfg.epochs):
-        task.on_epoch_start(epoch, cfg.epochs, images)
+        task.on_epoch_start(epoch, cfg.epochs, images, preprocess)
         task.train()
         flip_gen.manual_seed(cfg.seed * 7919 + epoch)
         order = _epoch_order(n, cfg.seed, epoch)
+        steps = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        inputs = batches(images, preprocess, (idx.numpy() for idx in steps), workers=data.workers)
         sums: dict[str, float] = {}
         tic = time.perf_counter()
-        for i in range(steps_per_epoch):
+        for i, (idx, x) in enumerate(zip(steps, inputs, strict=True)):
             step = epoch * steps_per_epoch + i
             lr = poly_lr(cfg.lr, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = to_input(images[idx])
             if cfg.hflip:
                 flip = torch.rand(len(idx), generator=flip_gen) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                width = -1 if preprocess.layout == "nchw" else -2
+                x = torch.where(flip[:, None, None, None], x.flip(width), x)
             batch = Batch(
                 x=x,
                 labels=labels[idx],
-                old=old[idx] if old is not None else None,
+                old=torch.from_numpy(np.asarray(old_rows[idx.numpy()], dtype=np.float32)) if old_rows is not None else None,
                 credible=credible[idx] if credible is not None else None,
             )
             out = task(batch)

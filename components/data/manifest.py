@@ -163,39 +163,48 @@ def build_manifest(cfg: DataConfig) -> pd.DataFrame:
     return kanjivg_manifest(cfg) if cfg.source == "kanjivg" else imagefolder_manifest(cfg)
 
 
-def decoder(cfg: DataConfig, manifest: pd.DataFrame | None = None) -> Callable[[Path], None]:
+def stored_shape(cfg: DataConfig, n: int) -> tuple[int, ...]:
+    """Shape of the stored images.npy: [n, size, size] (grayscale) or [n, size, size, 3] (RGB)."""
+    return (n, cfg.image_size, cfg.image_size) + ((3,) if cfg.channels == 3 else ())
+
+
+def decoder(cfg: DataConfig, manifest: pd.DataFrame | None = None, out: Path | None = None) -> Callable[[Path], None]:
     """A function that raises if one raw file cannot be read as this source's format.
 
-    For an ImageFolder with its `manifest`, a `Decoded`: it keeps the pixels it decodes for `materialize`, so
-    validation's decode is the only one.
+    For an ImageFolder with its `manifest` and an `out` file, a `Decoded`: it writes the pixels it decodes into
+    `out` (the stored images.npy) for `materialize`, so validation's decode is the only one.
     """
     if cfg.source == "kanjivg":
         from components.data.kanjivg import parse_strokes
 
         return lambda p: None if parse_strokes(p) else None
-    if manifest is not None:
-        return Decoded(cfg, manifest)
+    if manifest is not None and out is not None:
+        return Decoded(cfg, manifest, out)
     from components.data.imagefolder import load_image
 
-    return lambda p: None if load_image(p, cfg.image_size, cfg.max_pixels) is not None else None
+    return lambda p: None if load_image(p, cfg.image_size, cfg.max_pixels, cfg.channels) is not None else None
 
 
 class Decoded:
-    """Decodes ImageFolder files straight into their manifest rows (one uint8 array, the dataset's size)."""
+    """Decodes ImageFolder files straight into their rows of the stored images.npy (written, never held whole)."""
 
-    def __init__(self, cfg: DataConfig, manifest: pd.DataFrame) -> None:
-        self.size, self.max_pixels = cfg.image_size, cfg.max_pixels
-        self.images = np.empty((len(manifest), self.size, self.size), dtype=np.uint8)  # [N, H, W]
+    def __init__(self, cfg: DataConfig, manifest: pd.DataFrame, out: Path) -> None:
+        from components.data.store import ArrayWriter
+
+        self.size, self.max_pixels, self.channels, self.out = cfg.image_size, cfg.max_pixels, cfg.channels, Path(out)
+        self.shape = stored_shape(cfg, len(manifest))
+        self.writer = ArrayWriter(out, self.shape)
         self.filled = np.zeros(len(manifest), dtype=bool)
         self.rows = {str(Path(s)): r for s, r in manifest.groupby("source", sort=False).indices.items()}
 
     def __call__(self, path: Path) -> None:
         from components.data.imagefolder import load_image
 
-        image = load_image(path, self.size, self.max_pixels)
+        image = load_image(path, self.size, self.max_pixels, self.channels)
         rows = self.rows.get(str(Path(path)))
         if rows is not None:
-            self.images[rows], self.filled[rows] = image, True
+            self.writer.write(rows, np.broadcast_to(image, (len(rows), *image.shape)))
+            self.filled[rows] = True
 
 
 def _render_group(args: tuple[str, int, list[int], int]) -> np.ndarray:
@@ -206,37 +215,53 @@ def _render_group(args: tuple[str, int, list[int], int]) -> np.ndarray:
 
 
 def materialize(
-    cfg: DataConfig, manifest: pd.DataFrame, workers: int = 2, decoded: Callable[[Path], None] | None = None
-) -> np.ndarray:
-    """Pixels [N, H, W] uint8 in manifest order: KanjiVG renderings or decoded ImageFolder files.
+    cfg: DataConfig,
+    manifest: pd.DataFrame,
+    out: Path,
+    workers: int = 2,
+    decoded: Callable[[Path], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write the stored pixels, uint8 in manifest order, to `out` (an .npy): KanjiVG renderings or decoded
+    ImageFolder files, row block by row block, never the whole dataset in memory.
 
-    `decoded`: the `decoder(cfg, manifest)` validation ran, for this same manifest; what it decoded is reused.
+    `decoded`: the `decoder(cfg, manifest, out)` validation ran, for this same manifest and file; what it decoded
+    is kept and only the rest is decoded here.
     """
-    n, size = len(manifest), cfg.image_size
-    if cfg.source == "imagefolder":
-        from components.data.imagefolder import load_images
+    from components.data.store import ArrayWriter
 
-        if isinstance(decoded, Decoded) and decoded.images.shape == (n, size, size):
-            images, todo = decoded.images, np.flatnonzero(~decoded.filled)
+    n = len(manifest)
+    if cfg.source == "imagefolder":
+        from components.data.imagefolder import load_image
+
+        if isinstance(decoded, Decoded) and decoded.out == Path(out) and decoded.shape == stored_shape(cfg, n):
+            writer, todo = decoded.writer, np.flatnonzero(~decoded.filled)
+            if progress is not None:
+                progress(n - len(todo))
         else:
-            images, todo = np.empty((n, size, size), dtype=np.uint8), np.arange(n)
+            writer, todo = ArrayWriter(out, stored_shape(cfg, n)), np.arange(n)
         sources = manifest["source"].to_numpy()
-        images[todo] = load_images([Path(sources[i]) for i in todo], size, cfg.max_pixels)
-        return images
-    images = np.empty((n, size, size), dtype=np.uint8)
+        with writer:
+            for i in todo:
+                writer.write(np.array([i]), load_image(Path(sources[i]), cfg.image_size, cfg.max_pixels, cfg.channels)[None])
+                if progress is not None:
+                    progress(1)
+        return Path(out)
     groups = manifest.groupby("source", sort=True).indices  # source -> row positions
-    jobs = [(src, cfg.seed, manifest["sample"].to_numpy()[rows].tolist(), size) for src, rows in groups.items()]
+    jobs = [(src, cfg.seed, manifest["sample"].to_numpy()[rows].tolist(), cfg.image_size) for src, rows in groups.items()]
     workers = max(1, min(workers, os.cpu_count() or 1))
-    if workers == 1:
-        results = map(_render_group, jobs)
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(_render_group, jobs, chunksize=16)
-    for (src, rows), arr in zip(groups.items(), results, strict=True):
-        images[rows] = arr
-    if workers > 1:
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    results = pool.map(_render_group, jobs, chunksize=16) if pool is not None else map(_render_group, jobs)
+    with ArrayWriter(out, stored_shape(cfg, n)) as writer:
+        for rows, arr in zip(groups.values(), results, strict=True):  # results stream in job order
+            if cfg.channels == 3:
+                arr = np.repeat(arr[..., None], 3, axis=3)  # renderings are grayscale: RGB repeats the plane
+            writer.write(rows, arr)
+            if progress is not None:
+                progress(len(rows))
+    if pool is not None:
         pool.shutdown()
-    return images
+    return Path(out)
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> np.ndarray:

@@ -12,7 +12,12 @@ from components.embed import OnnxEmbedder, export_onnx, load_embedder, onnx_pari
 from components.models import available_archs, build_backbone
 
 
-@pytest.mark.parametrize("arch", available_archs())
+# The IResNets are checked at their smallest depth (18): the deeper ones differ in block counts only, and cost
+# minutes on 2 cores (tests/model/test_iresnet.py checks their structure against insightface's).
+ARCHS = [a for a in available_archs() if not a.startswith("iresnet")] + ["iresnet18"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_matches_torch(arch: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_backbone(arch, 24, 32)
@@ -25,7 +30,10 @@ def test_onnx_matches_torch(arch: str, tmp_path: Path) -> None:
     export_onnx(model, tmp_path / "m.onnx", 32)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"], "weights must live inside the one file"
     images = np.random.default_rng(0).integers(0, 256, size=(7, 32, 32), dtype=np.uint8)  # odd batch: dynamic
-    assert onnx_parity(model, tmp_path / "m.onnx", images) < 1e-4
+    with torch.inference_mode():
+        scale = float(model(torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)).abs().max())
+    # float32 rounding grows with the output's magnitude: an untrained IResNet's outputs reach hundreds (1e-5 relative)
+    assert onnx_parity(model, tmp_path / "m.onnx", images) < max(1e-4, 1e-5 * scale)
     emb = OnnxEmbedder(tmp_path / "m.onnx")
     assert (emb.dim, emb.image_size) == (24, 32)
 

@@ -1,0 +1,194 @@
+"""Stored pixels read on demand: no step holds a whole dataset in memory.
+
+A dataset's pixels are one `images.npy` (uint8 [N, H, W] or [N, H, W, 3], manifest order) written by the prepare
+stage, row block by row block (`ArrayWriter`). `ImageRows` is a lazy view of some of its rows (one split): it
+indexes like an array (an int, a slice, an array of positions) and reads exactly those rows with `os.pread`, so
+neither the file nor a split is ever loaded whole, and no memory map grows the process's resident set as an epoch
+touches every page. The view pickles as its path and row numbers, so DataLoader worker processes open the file
+themselves.
+
+`batches` feeds a training loop or an extraction through a torch DataLoader: the batch order is the caller's
+(seeded, so a resumed run continues exactly), workers (runtime.loader_workers) read and preprocess ahead of the
+step, and the pixels are those of `rows[idx]` exactly as an in-memory array would give them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from components.errors import DataError
+from components.io import read_at
+
+if TYPE_CHECKING:
+    import torch
+
+    from components.preprocess import Preprocess
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a C-ordered .npy file."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a .npy array ({err})") from None
+    if fortran:
+        raise DataError(f"{path}: Fortran-ordered array; stored images must be C-ordered")
+    return tuple(shape), np.dtype(dtype), offset
+
+
+class ImageRows:
+    """Rows `rows` of a stored image array, read on demand (see the module docstring)."""
+
+    def __init__(self, path: str | Path, rows: np.ndarray | None = None) -> None:
+        self.path = Path(path)
+        shape, dtype, self._offset = _header(self.path)
+        if dtype != np.uint8 or len(shape) not in (3, 4):
+            raise DataError(f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 3], got {dtype} {shape}")
+        self._n, self._pixel_shape = shape[0], tuple(shape[1:])
+        self._row_bytes = int(np.prod(self._pixel_shape))
+        size = self.path.stat().st_size
+        if self._offset + self._n * self._row_bytes > size:
+            raise DataError(f"{self.path}: truncated: {size} bytes hold fewer than the {self._n} rows its header says")
+        self.rows = np.arange(self._n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= self._n):
+            raise DataError(f"{self.path}: row {int(self.rows.max())} is out of range ({self._n} rows)")
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    # a worker process opens its own descriptor
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fd"] = state["_pid"] = None
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    # array-like surface
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self._pixel_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def subset(self, positions: np.ndarray) -> ImageRows:
+        """A view of some of these rows (positions into this view)."""
+        view = ImageRows.__new__(ImageRows)
+        view.__dict__.update(self.__getstate__())
+        view.rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        return view
+
+    def __getitem__(self, key: int | slice | np.ndarray | Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self.read(self.rows[[int(key)]])[0]
+        if isinstance(key, slice):
+            return self.read(self.rows[key])
+        return self.read(self.rows[np.asarray(key, dtype=np.int64)])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.read(self.rows)
+        return out if dtype is None else out.astype(dtype)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Pixels of file rows `rows` (in that order): uint8 [len(rows), H, W(, 3)]; runs of consecutive rows are
+        read with one call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self._pixel_shape), dtype=np.uint8)
+        if not len(rows):
+            return out
+        flat = out.reshape(len(rows), -1)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        fd = self._descriptor()
+        for run in np.split(np.arange(len(rows)), breaks):
+            first, count = int(sorted_rows[run[0]]), len(run)
+            data = read_at(fd, self._offset + first * self._row_bytes, count * self._row_bytes)
+            if len(data) != count * self._row_bytes:
+                raise DataError(f"{self.path}: short read at row {first} (file changed while reading?)")
+            flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
+        return out
+
+
+class ArrayWriter:
+    """Writes an images.npy of a known shape block by block (rows in any order), never holding it whole."""
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...]) -> None:
+        self.path, self.shape = Path(path), tuple(shape)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": self.shape}
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            self._offset = f.tell()
+            f.truncate(self._offset + int(np.prod(self.shape)))
+        self._row_bytes = int(np.prod(self.shape[1:]))
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def write(self, rows: np.ndarray, pixels: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(len(rows), -1)
+        for row, data in zip(rows.tolist(), pixels, strict=True):
+            os.pwrite(self._fd, data.tobytes(), self._offset + row * self._row_bytes)
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+    def __enter__(self) -> ArrayWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class _Batches:
+    """A map-style dataset whose items are whole batches: positions -> preprocessed float tensor."""
+
+    def __init__(self, images: ImageRows, preprocess: Preprocess) -> None:
+        self.images, self.preprocess = images, preprocess
+
+    def __getitem__(self, positions: np.ndarray) -> torch.Tensor:
+        return self.preprocess.tensor(self.images[positions])
+
+
+def batches(
+    images: ImageRows | np.ndarray, preprocess: Preprocess, order: Iterable[np.ndarray], workers: int = 0
+) -> Iterator[torch.Tensor]:
+    """Model input for each array of positions in `order`, in that order, read and preprocessed ahead by
+    `workers` processes (0: in this process, the fastest for small pre-rendered images)."""
+    if workers <= 0 or not isinstance(images, ImageRows):
+        for positions in order:
+            yield preprocess.tensor(np.asarray(images[np.asarray(positions)]))
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Batches(images, preprocess), sampler=list(order), batch_size=None, num_workers=workers,
+                        prefetch_factor=4, persistent_workers=False)  # fmt: skip
+    yield from loader
+
+
+def chunks(n: int, size: int) -> list[np.ndarray]:
+    """Positions 0..n-1 in consecutive chunks of `size` (extraction order)."""
+    return [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
