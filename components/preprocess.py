@@ -128,7 +128,11 @@ class Preprocess(BaseModel):
             x = x / float(self.std[0]) - float(shift[0])
         else:
             x = x / std - shift
-        return x.permute(0, 3, 1, 2).contiguous() if self.layout == "nchw" else x
+        if self.layout == "nhwc":
+            return x
+        # NCHW with standard strides: a permuted 1-channel tensor counts as contiguous in both memory formats, and
+        # convolutions then take the channels-last path, whose float sums differ in the last bits.
+        return x[..., 0].unsqueeze(1) if x.shape[3] == 1 else x.permute(0, 3, 1, 2).contiguous()
 
     def array(self, images: np.ndarray) -> np.ndarray:
         return self.tensor(images).numpy()

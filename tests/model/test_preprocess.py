@@ -25,8 +25,10 @@ RNG = np.random.default_rng(0)
 
 def test_default_is_the_old_scaling_bit_for_bit() -> None:
     images = RNG.integers(0, 256, size=(9, 32, 32), dtype=np.uint8)
-    got = default_preprocess(32).tensor(images)
-    assert torch.equal(got, to_input(torch.from_numpy(images)))
+    got, want = default_preprocess(32).tensor(images), to_input(torch.from_numpy(images))
+    assert torch.equal(got, want)
+    assert got.stride() == want.stride()  # else convolutions take the channels-last path: other float sums
+    assert Preprocess(size=32, channels=3).tensor(np.repeat(images[..., None], 3, 3)).is_contiguous()
 
 
 def test_rgb_size_order_mean_std_and_layout() -> None:
