@@ -35,8 +35,17 @@ def _known_arch(value: str) -> str:
 class DataConfig(Section):
     """How identities and samples are drawn, and how they split (method.md, "Upgrade scenarios")."""
 
-    source: Literal["kanjivg", "imagefolder"] = "kanjivg"
+    # kanjivg (embedded) | imagefolder (root/<identity>/<image>) | recordio (insightface train.rec + .idx: root is
+    # the .rec or its folder) | webdataset (root: a folder of .tar shards, a glob or shard-{000000..000009}.tar)
+    source: Literal["kanjivg", "imagefolder", "recordio", "webdataset"] = "kanjivg"
     root: str = "data/kanjivg"  # raw source, tracked by data.dvc
+    # Where pixels live between stages: "array" (decoded once by the prepare stage into one images.npy, read per
+    # batch) or "source" (nothing stored: each read decodes from the raw files, for sets too large to copy).
+    # null: array for kanjivg and imagefolder, source for recordio and webdataset.
+    store: Literal["array", "source"] | None = None
+    # With store "source", validation reads every record's header (labels) and fully decodes this many seeded
+    # images per source file (all of an ImageFolder's): a broken payload elsewhere fails when training reads it.
+    verify_decode: int = Field(256, ge=0)
     image_size: int = Field(32, ge=8, le=512)  # stored images are image_size x image_size
     channels: Literal[1, 3] = 1  # stored channels: 1 (grayscale) or 3 (RGB)
     seed: int = 0
@@ -62,6 +71,10 @@ class DataConfig(Section):
         return self.val_identities if self.val_identities is not None else max(2, round(self.test_identities / 10))
 
     @property
+    def storage(self) -> str:
+        return self.store if self.store is not None else ("source" if self.source in ("recordio", "webdataset") else "array")
+
+    @property
     def shift_style(self) -> str:
         return self.shift if self.shift is not None else ("kaisho" if self.source == "kanjivg" else "none")
 
@@ -69,6 +82,8 @@ class DataConfig(Section):
     def _shift_needs_kanjivg(self) -> DataConfig:
         if self.shift == "kaisho" and self.source != "kanjivg":
             raise ValueError("data.shift: kaisho needs data.source: kanjivg (its variant forms); use none")
+        if self.store == "source" and self.source == "kanjivg":
+            raise ValueError("data.store: source needs raw image files; KanjiVG glyphs are rendered once (array)")
         return self
 
 
@@ -225,7 +240,28 @@ class TrainConfig(Section):
         return method_args_type(method).model_validate(merged).model_dump(mode="json")
 
 
+class IjbConfig(Section):
+    """An IJB-C-style protocol (components.ijb): root/meta/{name}_face_tid_mid.txt, the template pairs and 1:N files;
+    the image names are files under `images` (insightface: the loose_crop folder)."""
+
+    root: str
+    images: str
+    name: str = "ijbc"
+
+    @model_validator(mode="after")
+    def _exists(self) -> IjbConfig:
+        if not (Path(self.root) / "meta" / f"{self.name}_face_tid_mid.txt").is_file():
+            raise ValueError(f"root: {self.root}/meta/{self.name}_face_tid_mid.txt not found")
+        if not Path(self.images).is_dir():
+            raise ValueError(f"images: folder not found: {self.images}")
+        return self
+
+
 class EvaluateConfig(Section):
+    # Face teams' own sets, scored for every model pair beside the test table (components.face_eval):
+    # insightface .bin verification files (lfw.bin, cfp_fp.bin, ...) and an IJB-C-style protocol.
+    verification: tuple[str, ...] = ()
+    ijb: IjbConfig | None = None
     gate_metrics: tuple[str, ...] = ("top1", "tar@far=1e-3")
     # What the gate requires of (new/old − old/old) and (new/new − old/old) per gate metric: "interval", the lower
     # bound of its paired-bootstrap confidence interval above 0 (the default); "point", the estimate above 0
@@ -240,6 +276,14 @@ class EvaluateConfig(Section):
     backfill_steps: int = Field(10, ge=2)  # partial-backfill curve at beta = 0, 1/steps, ..., 1
     # max |torch − onnxruntime| an exported model may show: the legacy stage's check and the registration gate
     onnx_tolerance: float = Field(1e-4, gt=0)
+
+    @field_validator("verification")
+    @classmethod
+    def _bin_files(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [v for v in value if not Path(v).is_file()]
+        if missing:
+            raise ValueError(f"file not found: {missing[0]}")
+        return value
 
     @field_validator("gate_metrics")
     @classmethod
@@ -264,6 +308,10 @@ class RuntimeConfig(Section):
 
     threads: int = Field(2, ge=1)  # torch, faiss and onnxruntime threads (set explicitly: both bring OpenMP)
     workers: int = Field(2, ge=1)  # processes that render or decode images (prepare)
+    # DataLoader processes that read and preprocess batches ahead of training and extraction. null: 0 (in the
+    # stage's own process) for stored images (data.store: array: a batch is one read), runtime.workers when every
+    # read decodes from the raw files (data.store: source).
+    loader_workers: int | None = Field(None, ge=0)
 
 
 class Config(Section):

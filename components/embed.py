@@ -612,13 +612,16 @@ def extract(
     batch_size: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Embeddings [N, d] float32, in input order; each batch goes through the embedder's own preprocess."""
+    """Embeddings [N, d] float32, in input order; each batch goes through the embedder's own preprocess, read and
+    preprocessed ahead by DataLoader workers when the images are decoded from raw files (components.data.store)."""
+    from components.data.store import batches, chunks
+
     out = np.empty((len(images), embedder.dim), dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        chunk = np.ascontiguousarray(images[start : start + batch_size])
-        out[start : start + len(chunk)] = embedder(embedder.preprocess.array(chunk))
+    order = chunks(len(images), batch_size)
+    for positions, x in zip(order, batches(images, embedder.preprocess, order), strict=True):
+        out[positions[0] : positions[-1] + 1] = embedder(x.numpy())
         if progress is not None:
-            progress(len(chunk))
+            progress(len(positions))
     return out
 
 

@@ -123,6 +123,9 @@ def stage(name: str) -> Stage:
 def run(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     """Run one stage (threads set from `runtime`): the only caller of the stage functions."""
     _stages().set_threads(cfg.runtime.threads)
+    from components.data.store import set_loader_workers
+
+    set_loader_workers(cfg.runtime.loader_workers, cfg.runtime.workers)
     return stage(name).run(cfg, paths)
 
 

@@ -55,6 +55,9 @@ def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         for m, v in (curve.get("auc") or {}).items():
             if _finite(v):
                 out[f"backfill.{order}.auc.{m}"] = float(v)
+    for name, record in (metrics.get("face") or {}).items():  # .bin verification sets, the IJB-C-style protocol
+        for pair, values in record.get("pairs", {}).items():
+            out.update({f"face.{name}.{pair}.{m}": float(v) for m, v in values.items() if _finite(v)})
     return {metric_key(k): v for k, v in out.items()}
 
 

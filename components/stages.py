@@ -24,7 +24,7 @@ from components.preprocess import Preprocess
 from components.progress import bar
 
 if TYPE_CHECKING:
-    from components.data.store import ImageRows
+    from components.data.store import Rows
     from components.embed import Embedder
 
 # ----------------------------------------------------------------------------------------------- data
@@ -44,16 +44,23 @@ def load_manifest(paths: Paths) -> pd.DataFrame:
     return pd.read_csv(paths.manifest, dtype={"identity": str, "source": str, "id": str, "split": str})
 
 
-def load_images(paths: Paths) -> ImageRows:
-    """Every stored image, as a lazy view (components.data.store): rows are read when indexed."""
-    from components.data.store import ImageRows
+def load_images(paths: Paths) -> Rows:
+    """Every image of the dataset, as a lazy view (components.data.store): rows are read when indexed, from the
+    stored images.npy or, for data.store: source, decoded from the raw files the manifest names."""
+    from components.data.store import ImageRows, SourceRows
 
+    summary = paths.dataset / "summary.json"
+    store = json.loads(summary.read_text()).get("store") if summary.is_file() else None
+    if store and store.get("kind") == "source":
+        manifest = load_manifest(paths)
+        return SourceRows(store["source"], manifest["source"].to_numpy(), manifest["sample"].to_numpy(),
+                          int(store["image_size"]), int(store["channels"]), int(store["max_pixels"]))  # fmt: skip
     if not paths.images.is_file():
         raise DataError(f"{paths.images}: stored images not found (run the prepare stage first)")
     return ImageRows(paths.images)
 
 
-def split_arrays(paths: Paths, split: str) -> tuple[ImageRows, np.ndarray]:
+def split_arrays(paths: Paths, split: str) -> tuple[Rows, np.ndarray]:
     """(images, labels [n]) of one split, in manifest order; images is a lazy uint8 view [n, H, W(, 3)]: index it
     (a slice, an int, positions) to read pixels."""
     from components.data.manifest import split_rows
@@ -98,7 +105,11 @@ def prepare(cfg: DataConfig, paths: Paths, workers: int = 2) -> dict[str, Any]:
         with bar("render dataset" if cfg.source == "kanjivg" else "load images", len(manifest)) as advance:
             materialize(cfg, manifest, tmp / "images.npy", workers=workers, decoded=decode, progress=advance)
         manifest.to_csv(tmp / "manifest.csv", index=False)
-        write_json(tmp / "summary.json", {"rows": len(manifest), "classes": classes, "splits": _split_counts(manifest)})
+        summary: dict[str, Any] = {"rows": len(manifest), "classes": classes, "splits": _split_counts(manifest)}
+        if cfg.storage == "source":  # how every later stage decodes a row (components.data.store.SourceRows)
+            summary["store"] = {"kind": "source", "source": cfg.source, "image_size": cfg.image_size,
+                                "channels": cfg.channels, "max_pixels": cfg.max_pixels}  # fmt: skip
+        write_json(tmp / "summary.json", summary)
     return {"manifest": str(paths.manifest), "rows": len(manifest), "classes": classes}
 
 
@@ -678,12 +689,15 @@ def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, A
     curves = backfill_curves(feats("new", "query"), yq, feats("old", "gallery"), feats("new", "gallery"), yb,
                              tables["test"][0].rows[("old", "old")], betas=betas, seed=cfg.bootstrap_seed)  # fmt: skip
     backfill = {order: curve.to_dict() for order, curve in curves.items()}
+    face = _face_sets(cfg, models, paths)
     with atomic_dir(paths.eval) as out:
         write_json(out / "metrics.json", {
             "pairs": test["pairs"], "criterion": test["criterion"], "bootstrap": test["bootstrap"],
-            "backfill": backfill, "sets": {k: v for k, v in results.items() if k != "test"},
+            "backfill": backfill, "sets": {k: v for k, v in results.items() if k != "test"}, "face": face,
         })  # fmt: skip
-        write_text(out / "table.md", _report_markdown(tables, verdict, curves))
+        from components.face_eval import markdown as face_markdown
+
+        write_text(out / "table.md", _report_markdown(tables, verdict, curves) + "\n" + face_markdown(face))
         write_json(out / "backfill.json", backfill)
         for (q, g), roc in tables["test"][0].rocs.items():
             frame = pd.DataFrame({"fpr": roc["fpr"], "tpr": roc["tpr"]})
@@ -694,6 +708,23 @@ def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, A
         roles = {"legacy": paths.legacy, "new": paths.model_dir("new"), "paragon": paths.model_dir("paragon")}
         training_png({role: folder / "history.json" for role, folder in roles.items()}, out / "training.png")
     return {"passed": verdict.passed, "reasons": verdict.reasons, "table": str(paths.eval / "table.md")}
+
+
+def _face_sets(cfg: EvaluateConfig, models: dict[str, Embedder], paths: Paths) -> dict[str, dict[str, Any]]:
+    """evaluate.verification (.bin files) and evaluate.ijb, each image decoded at the stored size and channels."""
+    from components.data.imagefolder import MAX_PIXELS
+    from components.face_eval import ijb_set, verification_set
+
+    if not cfg.verification and cfg.ijb is None:
+        return {}
+    stored = stored_preprocess(paths)
+    size, channels = stored.square, stored.channels
+    face: dict[str, dict[str, Any]] = {}
+    for path in cfg.verification:
+        face[Path(path).stem] = verification_set(path, models, size, channels, MAX_PIXELS)
+    if cfg.ijb is not None:
+        face[cfg.ijb.name] = ijb_set(cfg.ijb.root, cfg.ijb.images, cfg.ijb.name, models, size, channels, MAX_PIXELS)
+    return face
 
 
 def _evaluate_set(

@@ -36,7 +36,7 @@ class TrainingTask(nn.Module):
 
     def on_epoch_start(self, epoch: int, epochs: int, images: Any, preprocess: Preprocess) -> None:
         """Called before each epoch with the training images (uint8 [N, H, W(, 3)], an array or a lazy
-        components.data.store.ImageRows) and the preprocess that feeds the backbone."""
+        components.data.store.Rows) and the preprocess that feeds the backbone."""
 
 
 class CompatibleTask(TrainingTask):

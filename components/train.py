@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.data.store import ImageRows, batches
+from components.data.store import Rows, batches
 from components.io import atomic_path
 from components.preprocess import Preprocess, default_preprocess
 from components.task import Batch, TrainingTask
@@ -40,15 +40,15 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class TrainArrays:
-    """Everything a step reads. Images are a lazy view (components.data.store.ImageRows: each batch is read when it
+    """Everything a step reads. Images are a lazy view (components.data.store.Rows: each batch is read when it
     is needed) or an array; old features may be a memory map: a step copies only its own rows."""
 
-    images: ImageRows | np.ndarray  # [N, H, W] or [N, H, W, 3] uint8
+    images: Rows | np.ndarray  # [N, H, W] or [N, H, W, 3] uint8
     labels: np.ndarray  # [N] int
     old: np.ndarray | None = None  # [N, d] float32 old features, dataset order
     credible: np.ndarray | None = None  # [N] bool
     preprocess: Preprocess | None = None  # None: 1 channel at the images' own size, in [-1, 1]
-    workers: int = 0  # DataLoader processes reading and preprocessing batches ahead (0: this process)
+    workers: int | None = None  # DataLoader processes reading batches ahead (None: components.data.store.loader_workers)
 
 
 def poly_lr(base: float, step: int, total: int) -> float:

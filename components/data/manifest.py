@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import DataConfig
+from components.data.sources import RECORD_SOURCES
 from components.errors import DataError
 
 SPLITS = (
@@ -159,8 +160,24 @@ def imagefolder_manifest(cfg: DataConfig) -> pd.DataFrame:
     return _assign(cfg, identities, None)
 
 
+def record_manifest(cfg: DataConfig) -> pd.DataFrame:
+    """A RecordIO set or WebDataset shards, listed from their index (components.data.sources.record_items)."""
+    from components.data.sources import record_items
+
+    identities: dict[str, list[Item]] = {}
+    for source, sample, ident in record_items(cfg.source, cfg.root):
+        identities.setdefault(ident, []).append(Item(source, sample, ident))
+    for ident, items in identities.items():  # seeded, not storage, order of each identity's images
+        identities[ident] = sorted(items, key=lambda it: (_rank(cfg.seed, f"{it.source}:{it.sample}"), it.sample))
+    return _assign(cfg, identities, None)
+
+
 def build_manifest(cfg: DataConfig) -> pd.DataFrame:
-    return kanjivg_manifest(cfg) if cfg.source == "kanjivg" else imagefolder_manifest(cfg)
+    if cfg.source == "kanjivg":
+        return kanjivg_manifest(cfg)
+    if cfg.source == "imagefolder":
+        return imagefolder_manifest(cfg)
+    return record_manifest(cfg)
 
 
 def stored_shape(cfg: DataConfig, n: int) -> tuple[int, ...]:
@@ -178,7 +195,9 @@ def decoder(cfg: DataConfig, manifest: pd.DataFrame | None = None, out: Path | N
         from components.data.kanjivg import parse_strokes
 
         return lambda p: None if parse_strokes(p) else None
-    if manifest is not None and out is not None:
+    if manifest is not None and cfg.source in RECORD_SOURCES:
+        return RecordCheck(cfg, manifest, out if cfg.storage == "array" else None)
+    if manifest is not None and out is not None and cfg.storage == "array":
         return Decoded(cfg, manifest, out)
     from components.data.imagefolder import load_image
 
@@ -207,6 +226,38 @@ class Decoded:
             self.filled[rows] = True
 
 
+class RecordCheck:
+    """Validation's check of one record container (a .rec, a shard): its rows were listed from its index and
+    headers; with an `out` file (data.store: array) every row is decoded into it, else a seeded sample of
+    data.verify_decode rows is decoded and dropped (training decodes the rest when it reads them)."""
+
+    def __init__(self, cfg: DataConfig, manifest: pd.DataFrame, out: Path | None) -> None:
+        from components.data.store import ArrayWriter
+
+        self.cfg, self.out = cfg, out
+        self.rows = manifest.groupby("source", sort=False).indices  # source -> row positions
+        self.samples = manifest["sample"].to_numpy()
+        self.shape = stored_shape(cfg, len(manifest))
+        self.writer = ArrayWriter(out, self.shape) if out is not None else None
+        self.filled = np.zeros(len(manifest), dtype=bool)
+
+    def __call__(self, path: Path) -> None:
+        from components.data.sources import decode_rows
+
+        rows = self.rows.get(str(path))
+        if rows is None:
+            return
+        if self.writer is None:
+            k = min(len(rows), self.cfg.verify_decode)
+            rows = np.sort(np.random.default_rng([self.cfg.seed, len(rows)]).choice(rows, size=k, replace=False))
+        for block in np.array_split(rows, max(1, len(rows) // 1024)):
+            pixels = decode_rows(self.cfg.source, [str(path)] * len(block), self.samples[block], self.cfg.image_size,
+                                 self.cfg.channels, self.cfg.max_pixels)  # fmt: skip
+            if self.writer is not None:
+                self.writer.write(block, pixels)
+                self.filled[block] = True
+
+
 def _render_group(args: tuple[str, int, list[int], int]) -> np.ndarray:
     from components.data.kanjivg import render_samples
 
@@ -221,7 +272,7 @@ def materialize(
     workers: int = 2,
     decoded: Callable[[Path], None] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> Path:
+) -> Path | None:
     """Write the stored pixels, uint8 in manifest order, to `out` (an .npy): KanjiVG renderings or decoded
     ImageFolder files, row block by row block, never the whole dataset in memory.
 
@@ -231,6 +282,26 @@ def materialize(
     from components.data.store import ArrayWriter
 
     n = len(manifest)
+    if cfg.storage == "source":
+        if progress is not None:
+            progress(n)
+        return None  # nothing stored: every read decodes from the raw source (components.data.store.SourceRows)
+    if cfg.source in RECORD_SOURCES:
+        from components.data.sources import decode_rows
+
+        check = decoded if isinstance(decoded, RecordCheck) and decoded.writer is not None else None
+        writer = check.writer if check is not None else ArrayWriter(out, stored_shape(cfg, n))
+        todo = np.flatnonzero(~check.filled) if check is not None else np.arange(n)
+        if progress is not None:
+            progress(n - len(todo))
+        sources, samples = manifest["source"].to_numpy(), manifest["sample"].to_numpy()
+        with writer:
+            for block in np.array_split(todo, max(1, len(todo) // 1024)) if len(todo) else []:
+                writer.write(block, decode_rows(cfg.source, sources[block], samples[block], cfg.image_size, cfg.channels,
+                                                cfg.max_pixels))  # fmt: skip
+                if progress is not None:
+                    progress(len(block))
+        return Path(out)
     if cfg.source == "imagefolder":
         from components.data.imagefolder import load_image
 

@@ -1,6 +1,7 @@
 """Stored pixels read on demand: no step holds a whole dataset in memory.
 
-A dataset's pixels are one `images.npy` (uint8 [N, H, W] or [N, H, W, 3], manifest order) written by the prepare
+A dataset's pixels are either decoded from their raw source whenever a row is read (`SourceRows`: RecordIO,
+WebDataset, or an ImageFolder with data.store: source), or one `images.npy` (uint8 [N, H, W] or [N, H, W, 3], manifest order) written by the prepare
 stage, row block by row block (`ArrayWriter`). `ImageRows` is a lazy view of some of its rows (one split): it
 indexes like an array (an int, a slice, an array of positions) and reads exactly those rows with `os.pread`, so
 neither the file nor a split is ever loaded whole, and no memory map grows the process's resident set as an epoch
@@ -45,8 +46,50 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), np.dtype(dtype), offset
 
 
-class ImageRows:
-    """Rows `rows` of a stored image array, read on demand (see the module docstring)."""
+class Rows:
+    """A lazy uint8 image array over some file rows: an int, a slice or an array of positions reads those rows."""
+
+    rows: np.ndarray  # int64 positions in the whole dataset (manifest order)
+    _pixel_shape: tuple[int, ...]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:  # uint8 [len(rows), H, W(, 3)] of dataset rows `rows`
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self._pixel_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def subset(self, positions: np.ndarray) -> Rows:
+        """A view of some of these rows (positions into this view)."""
+        view = type(self).__new__(type(self))
+        view.__dict__.update(self.__getstate__())
+        view.rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        return view
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __getitem__(self, key: int | slice | np.ndarray | Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self.read(self.rows[[int(key)]])[0]
+        if isinstance(key, slice):
+            return self.read(self.rows[key])
+        return self.read(self.rows[np.asarray(key, dtype=np.int64)])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.read(self.rows)
+        return out if dtype is None else out.astype(dtype)
+
+
+class ImageRows(Rows):
+    """Rows of a stored images.npy, read with os.pread (see the module docstring)."""
 
     def __init__(self, path: str | Path, rows: np.ndarray | None = None) -> None:
         self.path = Path(path)
@@ -79,36 +122,6 @@ class ImageRows:
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         return self._fd
 
-    # array-like surface
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self._pixel_shape)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    def subset(self, positions: np.ndarray) -> ImageRows:
-        """A view of some of these rows (positions into this view)."""
-        view = ImageRows.__new__(ImageRows)
-        view.__dict__.update(self.__getstate__())
-        view.rows = self.rows[np.asarray(positions, dtype=np.int64)]
-        return view
-
-    def __getitem__(self, key: int | slice | np.ndarray | Any) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return self.read(self.rows[[int(key)]])[0]
-        if isinstance(key, slice):
-            return self.read(self.rows[key])
-        return self.read(self.rows[np.asarray(key, dtype=np.int64)])
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self.read(self.rows)
-        return out if dtype is None else out.astype(dtype)
-
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Pixels of file rows `rows` (in that order): uint8 [len(rows), H, W(, 3)]; runs of consecutive rows are
         read with one call."""
@@ -128,6 +141,29 @@ class ImageRows:
                 raise DataError(f"{self.path}: short read at row {first} (file changed while reading?)")
             flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
         return out
+
+
+class SourceRows(Rows):
+    """Rows decoded from their raw source when read (RecordIO records, WebDataset members, ImageFolder files:
+    components.data.sources), at the stored size and channels. Nothing is cached: an epoch decodes what it reads,
+    in DataLoader workers when runtime.loader_workers > 0."""
+
+    def __init__(
+        self, kind: str, sources: np.ndarray, samples: np.ndarray, size: int, channels: int, max_pixels: int
+    ) -> None:
+        self.kind, self.size, self.channels, self.max_pixels = kind, size, channels, max_pixels
+        names, codes = np.unique(np.asarray(sources, dtype=str), return_inverse=True)
+        self._names, self._codes = names, codes.astype(np.int32)  # a source path per row would cost ~100 B each
+        self._samples = np.asarray(samples, dtype=np.int64)
+        self._pixel_shape = (size, size) + ((3,) if channels == 3 else ())
+        self.rows = np.arange(len(self._samples), dtype=np.int64)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        from components.data.sources import decode_rows
+
+        rows = np.asarray(rows, dtype=np.int64)
+        return decode_rows(self.kind, self._names[self._codes[rows]], self._samples[rows], self.size, self.channels,
+                           self.max_pixels)  # fmt: skip
 
 
 class ArrayWriter:
@@ -166,19 +202,37 @@ class ArrayWriter:
 class _Batches:
     """A map-style dataset whose items are whole batches: positions -> preprocessed float tensor."""
 
-    def __init__(self, images: ImageRows, preprocess: Preprocess) -> None:
+    def __init__(self, images: Rows, preprocess: Preprocess) -> None:
         self.images, self.preprocess = images, preprocess
 
     def __getitem__(self, positions: np.ndarray) -> torch.Tensor:
         return self.preprocess.tensor(self.images[positions])
 
 
+_LOADER = {"declared": None, "decode": 2}  # runtime.loader_workers, runtime.workers (set_loader_workers)
+
+
+def set_loader_workers(declared: int | None, decode: int) -> None:
+    """runtime.loader_workers (None: decide per store) and runtime.workers, set by components.pipeline.run."""
+    _LOADER["declared"], _LOADER["decode"] = declared, decode
+
+
+def loader_workers(images: Rows | np.ndarray) -> int:
+    """DataLoader processes for reading `images`: runtime.loader_workers if set, else 0 for stored images (a
+    batch is one read) and runtime.workers for rows decoded from raw files."""
+    if _LOADER["declared"] is not None:
+        return int(_LOADER["declared"])
+    return int(_LOADER["decode"]) if isinstance(images, SourceRows) else 0
+
+
 def batches(
-    images: ImageRows | np.ndarray, preprocess: Preprocess, order: Iterable[np.ndarray], workers: int = 0
+    images: Rows | np.ndarray, preprocess: Preprocess, order: Iterable[np.ndarray], workers: int | None = None
 ) -> Iterator[torch.Tensor]:
     """Model input for each array of positions in `order`, in that order, read and preprocessed ahead by
-    `workers` processes (0: in this process, the fastest for small pre-rendered images)."""
-    if workers <= 0 or not isinstance(images, ImageRows):
+    `workers` processes (None: `loader_workers(images)`; 0: in this process, the fastest for small stored
+    images)."""
+    workers = loader_workers(images) if workers is None else workers
+    if workers <= 0 or not isinstance(images, Rows):
         for positions in order:
             yield preprocess.tensor(np.asarray(images[np.asarray(positions)]))
         return
