@@ -274,7 +274,8 @@ class EvaluateConfig(Section):
     # Optional bound on the share of old/old-correct queries that new/old gets wrong at top-1 (negative flips).
     max_negative_flips: float | None = Field(None, ge=0, le=1)
     backfill_steps: int = Field(10, ge=2)  # partial-backfill curve at beta = 0, 1/steps, ..., 1
-    # max |torch − onnxruntime| an exported model may show: the legacy stage's check and the registration gate
+    # max |torch − onnxruntime| over L2-normalised embeddings an exported model may show (components.embed.onnx_parity):
+    # the legacy stage's check and the registration gate
     onnx_tolerance: float = Field(1e-4, gt=0)
 
     @field_validator("verification")

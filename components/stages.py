@@ -156,7 +156,26 @@ def _split_counts(manifest: pd.DataFrame) -> dict[str, int]:
 
 
 def data_hash(cfg: DataConfig) -> str:
-    return tree_sha256(cfg.root)
+    """Content hash of the raw data: the root folder or file; a RecordIO's .rec, .idx and property; the shards a
+    WebDataset pattern names."""
+    import hashlib
+
+    from components.data.sources import recordio_path
+
+    if cfg.source == "recordio":
+        rec = recordio_path(cfg.root)
+        files = [rec, rec.with_suffix(".idx")] + ([rec.parent / "property"] if (rec.parent / "property").is_file() else [])
+    elif cfg.source == "webdataset":
+        from components.data.webdataset import expand_shards
+
+        files = expand_shards(cfg.root)
+    else:
+        return tree_sha256(cfg.root)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- legacy

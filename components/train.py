@@ -87,7 +87,7 @@ def fit(
     optimizer = torch.optim.SGD(task.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    task.prepare(torch.from_numpy(np.asarray(old_rows, dtype=np.float32)) if old_rows is not None else None, labels)
+    task.prepare(torch.from_numpy(np.array(old_rows, dtype=np.float32)) if old_rows is not None else None, labels)
     # ^ dataset-level state of the method; a resumed checkpoint then overrides it
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

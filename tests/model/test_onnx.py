@@ -30,10 +30,7 @@ def test_onnx_matches_torch(arch: str, tmp_path: Path) -> None:
     export_onnx(model, tmp_path / "m.onnx", 32)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"], "weights must live inside the one file"
     images = np.random.default_rng(0).integers(0, 256, size=(7, 32, 32), dtype=np.uint8)  # odd batch: dynamic
-    with torch.inference_mode():
-        scale = float(model(torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)).abs().max())
-    # float32 rounding grows with the output's magnitude: an untrained IResNet's outputs reach hundreds (1e-5 relative)
-    assert onnx_parity(model, tmp_path / "m.onnx", images) < max(1e-4, 1e-5 * scale)
+    assert onnx_parity(model, tmp_path / "m.onnx", images) < 1e-5  # on normalised embeddings, whatever their scale
     emb = OnnxEmbedder(tmp_path / "m.onnx")
     assert (emb.dim, emb.image_size) == (24, 32)
 
