@@ -4,13 +4,17 @@
   python benchmarks/run.py methods         every method's train-step time and peak memory / the paragon's
   python benchmarks/run.py flow            Prefect `upgrade` flow wall time / the same components called directly
   python benchmarks/run.py skip            scheduled re-run with nothing changed / the full upgrade (after make upgrade)
+  python benchmarks/run.py stream          peak RSS of legacy -> extract -> train (1 epoch) at 10x the default image
+                                           count / at 1x; end-to-end extraction throughput / model-only throughput
 
-Targets (issue "The upgrade path, end to end"): step ratio <= 1.05, flow ratio <= 1.10 at the default size.
+Targets (issue "The upgrade path, end to end"): step ratio <= 1.05, flow ratio <= 1.10 at the default size;
+(issue "Bring a real face system"): stream peak-RSS ratio <= 1.5, extraction throughput ratio >= 0.8.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -18,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -234,6 +240,98 @@ def bench_skip(params: Path) -> None:
     print(f"  ratio re-run / full upgrade = {t_skip / full:.3f}  (target <= 0.05)")
 
 
+STREAM_STAGES = ("legacy", "extract", "train")
+
+
+def _stream_overrides(scale: int, threads: int) -> dict:
+    """The default data with `scale` x the training renderings per identity; one epoch each, no paragon."""
+    return {"data.samples_per_identity": 10 * scale, "legacy.epochs": 1, "train.epochs": 1, "train.paragon": False,
+            "runtime.threads": threads, "runtime.workers": threads}  # fmt: skip
+
+
+def stream_child(work: Path, scale: int, threads: int, stage_set: str) -> None:
+    """Child of `stream`: run the prepare stage, or legacy -> extract -> train (1 epoch), in this process."""
+    import resource
+
+    from components import pipeline
+    from components.config import load_config
+    from components.paths import Paths
+
+    cfg = load_config(ROOT / "params.yaml", _stream_overrides(scale, threads))
+    names = ("prepare",) if stage_set == "prepare" else STREAM_STAGES
+    tic = time.perf_counter()
+    for name in names:
+        pipeline.run(name, cfg, Paths(work))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": time.perf_counter() - tic, "peak_mib": peak, "children_peak_mib": workers}))
+
+
+def bench_stream(threads: int, scale: int, keep: Path | None) -> None:
+    """Peak RSS of legacy -> extract -> train (1 epoch) at the default image count and at `scale` x it, each in a
+    fresh process (the prepare stage, which renders the images, runs before in its own process); then end-to-end
+    extraction throughput (stored images read per batch, preprocessed, run through the old ONNX model) against
+    the model alone on the same batches already in memory as float tensors, interleaved."""
+    import subprocess
+
+    tmp = keep or Path(tempfile.mkdtemp(prefix="mixbct-stream-"))
+    rows: dict[int, dict] = {}
+    try:
+        for k in (1, scale):
+            work = tmp / f"x{k}"
+            for stage_set in ("prepare", "train"):
+                out = subprocess.run([sys.executable, __file__, "stream-child", "--work", str(work), "--scale", str(k),
+                                      "--threads", str(threads), "--stages", stage_set],
+                                     capture_output=True, text=True, check=True)  # fmt: skip
+                if stage_set == "train":
+                    rows[k] = json.loads(out.stdout.strip().splitlines()[-1])
+            images = np.load(work / "dataset" / "images.npy", mmap_mode="r")
+            rows[k]["images"] = int(images.shape[0])
+        base, big = rows[1], rows[scale]
+        print(f"legacy -> extract -> train (1 epoch), default params, {threads} threads, each in a fresh process:")
+        for k in (1, scale):
+            r = rows[k]
+            print(f"  {k:>3} x images ({r['images']:>8,} stored): peak RSS {r['peak_mib']:8.1f} MiB "
+                  f"(DataLoader workers {r['children_peak_mib']:.1f} MiB), {r['seconds']:7.1f} s")
+        print(f"  ratio peak RSS {scale}x / 1x = {big['peak_mib'] / base['peak_mib']:.3f}  (target <= 1.5)")
+        _stream_throughput(tmp / "x1", threads)
+    finally:
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stream_throughput(work: Path, threads: int, rounds: int = 5) -> None:
+    import torch
+
+    from components.data.store import batches, chunks
+    from components.embed import load_embedder
+    from components.paths import Paths
+    from components.stages import old_model_path, split_arrays
+
+    torch.set_num_threads(threads)
+    paths = Paths(work)
+    model = load_embedder(old_model_path(paths), threads=threads)
+    images, _ = split_arrays(paths, "new_train")
+    order = chunks(min(len(images), 20_000), 512)
+    tensors = [model.preprocess.array(np.asarray(images[c])) for c in order]  # the model-only side: in memory
+    n = sum(len(c) for c in order)
+    e2e, only = [], []
+    for _ in range(rounds):
+        tic = time.perf_counter()
+        for x in batches(images, model.preprocess, order):
+            model(x.numpy())
+        e2e.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        for x in tensors:
+            model(x)
+        only.append(time.perf_counter() - tic)
+    t_e2e, t_only = statistics.median(e2e), statistics.median(only)
+    print(f"old-model extraction, {n:,} stored images, batch 512, median of {rounds} interleaved rounds:")
+    print(f"  model only (float tensors in memory): {n / t_only:9.0f} images/s")
+    print(f"  end to end (read + preprocess + model): {n / t_e2e:7.0f} images/s")
+    print(f"  ratio end-to-end / model-only throughput = {t_only / t_e2e:.3f}  (target >= 0.8)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -252,6 +350,15 @@ def main() -> None:
     mm.add_argument("--batch", type=int, default=128)
     f = sub.add_parser("flow")
     f.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    st = sub.add_parser("stream")
+    st.add_argument("--threads", type=int, default=2)
+    st.add_argument("--scale", type=int, default=10)
+    st.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder, removed)")
+    sc = sub.add_parser("stream-child")  # child process of `stream`
+    sc.add_argument("--work", type=Path, required=True)
+    sc.add_argument("--scale", type=int, required=True)
+    sc.add_argument("--threads", type=int, default=2)
+    sc.add_argument("--stages", choices=["prepare", "train"], required=True)
     k = sub.add_parser("skip")
     k.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = parser.parse_args()
@@ -263,6 +370,10 @@ def main() -> None:
         method_peak_memory(args.method, args.threads, args.steps, args.batch)
     elif args.bench == "skip":
         bench_skip(args.params)
+    elif args.bench == "stream":
+        bench_stream(args.threads, args.scale, args.keep)
+    elif args.bench == "stream-child":
+        stream_child(args.work, args.scale, args.threads, args.stages)
     else:
         bench_flow(args.params)
 

@@ -232,14 +232,18 @@ def batches(
     `workers` processes (None: `loader_workers(images)`; 0: in this process, the fastest for small stored
     images)."""
     workers = loader_workers(images) if workers is None else workers
-    if workers <= 0 or not isinstance(images, Rows):
+    if not isinstance(images, Rows):  # an array already in memory (tests, benchmarks)
         for positions in order:
             yield preprocess.tensor(np.asarray(images[np.asarray(positions)]))
         return
+    import torch
     from torch.utils.data import DataLoader
 
+    extra = {"prefetch_factor": 4} if workers > 0 else {}
+    # Its own generator: a DataLoader draws a base seed for its workers from the global torch RNG otherwise, and
+    # every draw the training makes after that (a method's sampling) would shift.
     loader = DataLoader(_Batches(images, preprocess), sampler=list(order), batch_size=None, num_workers=workers,
-                        prefetch_factor=4, persistent_workers=False)  # fmt: skip
+                        persistent_workers=False, generator=torch.Generator().manual_seed(0), **extra)  # fmt: skip
     yield from loader
 
 
