@@ -114,8 +114,8 @@ class OldConfig(Section):
 
     model: str | None = None  # .onnx or .pt (a checkpoint written by this project)
     # .npz with `embeddings` [n, d] and `paths` [n] (ImageFolder images, `identity/file` or longer) or `ids` [n]
-    # (manifest ids), in any order and possibly more rows than the test gallery; or .npy [n_gallery, d] with
-    # rows in gallery-manifest order.
+    # (manifest ids), in any order and possibly more rows than the test gallery; a .parquet with the same columns
+    # (`embeddings` a list of floats per row); or .npy [n_gallery, d] with rows in gallery-manifest order.
     gallery: str | None = None
     # How to feed the old model: null = its ONNX metadata (`mixbct.preprocess`, written by this project's exports),
     # else data.image_size / data.channels scaled to [-1, 1]; the model's declared input shape is checked either way.
@@ -136,8 +136,8 @@ class OldConfig(Section):
                 raise ValueError(f"old.{key}: file not found: {value}")
         if self.model is not None and Path(self.model).suffix not in (".onnx", ".pt"):
             raise ValueError(f"old.model: expected a .onnx or .pt file, got {self.model}")
-        if self.gallery is not None and Path(self.gallery).suffix not in (".npy", ".npz"):
-            raise ValueError(f"old.gallery: expected a .npz (keyed rows) or .npy (manifest order) file, got {self.gallery}")
+        if self.gallery is not None and Path(self.gallery).suffix not in (".npy", ".npz", ".parquet"):
+            raise ValueError(f"old.gallery: expected a .npz or .parquet (keyed rows) or .npy (manifest order) file, got {self.gallery}")
         return self
 
 

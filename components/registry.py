@@ -286,8 +286,12 @@ def _register_version(
         onnx_execution_providers=["CPUExecutionProvider"],
         pip_requirements=["onnx", "onnxruntime"],
     )
+    from components.preprocess import METADATA_KEY
+
+    feed = {prop.key: prop.value for prop in model.metadata_props}.get(METADATA_KEY)
     version_tags = {
         **tags,
+        **({"preprocess": feed} if feed else {}),  # how to feed it: also inside the ONNX's metadata
         "run_id": run_id,
         "old_model_sha256": old["model_sha256"],
         "gallery_sha256": old["gallery_sha256"],

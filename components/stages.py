@@ -363,8 +363,11 @@ def _load_gallery_file(path: Path, gallery_rows: pd.DataFrame) -> tuple[np.ndarr
             return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32), {}
         except (OSError, ValueError, EOFError) as err:
             raise DataError(f"{path}: cannot read gallery embeddings as a float .npy array ({err})") from None
+    if magic.startswith(b"PAR1"):
+        embeddings, names, field = _read_parquet_gallery(path)
+        return _keyed_rows(path, embeddings, names, field, gallery_rows)
     if not magic.startswith(b"PK\x03\x04"):
-        raise DataError(f"{path}: {'an empty file' if not magic else 'neither a .npy nor an .npz file'}, "
+        raise DataError(f"{path}: {'an empty file' if not magic else 'neither a .npy, an .npz nor a Parquet file'}, "
                         "not gallery embeddings")  # fmt: skip
     try:
         loaded = np.load(path, allow_pickle=False)  # a zip of .npy arrays, whatever its name
@@ -382,6 +385,34 @@ def _load_gallery_file(path: Path, gallery_rows: pd.DataFrame) -> tuple[np.ndarr
             raise DataError(f"{path}: a damaged .npz ({err})") from None
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise DataError(f"{path}: a damaged .npz ({err})") from None
+    return _keyed_rows(path, embeddings, names, field, gallery_rows)
+
+
+def _read_parquet_gallery(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """A Parquet gallery: column `embeddings` (a list of floats per row) and `ids` or `paths` (strings)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises its own ArrowInvalid / OSError family
+        raise DataError(f"{path}: a damaged Parquet file ({err})") from None
+    columns = set(table.column_names)
+    if "embeddings" not in columns or not {"paths", "ids"} & columns:
+        raise DataError(f"{path}: a Parquet gallery needs columns `embeddings` and `ids` or `paths`; it has {sorted(columns)}")
+    field = "ids" if "ids" in columns else "paths"
+    try:
+        rows = table.column("embeddings").to_pylist()
+        embeddings = np.asarray(rows, dtype=np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path}: column `embeddings` must hold one list of numbers of the same length per row ({err})") from None
+    names = np.asarray([str(n) for n in table.column(field).to_pylist()])
+    return embeddings, names, field
+
+
+def _keyed_rows(
+    path: Path, embeddings: np.ndarray, names: np.ndarray, field: str, gallery_rows: pd.DataFrame
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows of `embeddings` named by `names` (manifest ids, or image paths) picked into gallery-manifest order."""
     if embeddings.dtype.kind not in "biuf":
         raise DataError(f"{path}: `embeddings` must hold numbers, not {embeddings.dtype}")
     if embeddings.ndim != 2 or len(names) != len(embeddings):

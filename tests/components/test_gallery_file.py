@@ -59,3 +59,24 @@ def test_bad_npz_gallery_names_the_file_and_what_is_wrong(tmp_path: Path, arrays
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=rf"bad\.npz: .*{message}"):
         _load_gallery_file(tmp_path / "bad.npz", _gallery_rows(tmp_path))
+
+
+def test_parquet_rows_keyed_by_ids_or_paths(tmp_path: Path) -> None:
+    """A Parquet table (what a feature store exports): `embeddings` a list per row, `ids` or `paths`."""
+    rows = _gallery_rows(tmp_path / "faces")
+    emb = np.random.default_rng(1).standard_normal((8, 3)).astype(np.float32)
+    perm = np.random.default_rng(2).permutation(8)
+    pd.DataFrame({"ids": list(rows["id"].to_numpy()[perm]), "embeddings": list(emb[perm])}).to_parquet(tmp_path / "g.parquet")
+    gallery, info = _load_gallery_file(tmp_path / "g.parquet", rows)
+    np.testing.assert_array_equal(gallery, emb)
+    assert info == {"gallery_key": "ids", "gallery_rows_unused": 0}
+    names = [f"id{i}/{j}.png" for i in range(4) for j in range(2)]
+    pd.DataFrame({"paths": names, "embeddings": list(emb)}).to_parquet(tmp_path / "p.parquet")
+    np.testing.assert_array_equal(_load_gallery_file(tmp_path / "p.parquet", rows)[0], emb)
+    pd.DataFrame({"name": names, "embeddings": list(emb)}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: a Parquet gallery needs columns `embeddings` and `ids` or `paths`"):
+        _load_gallery_file(tmp_path / "bad.parquet", rows)
+    ragged = pd.DataFrame({"ids": list(rows["id"])[:2], "embeddings": [[1.0, 2.0], [1.0]]})
+    ragged.to_parquet(tmp_path / "ragged.parquet")
+    with pytest.raises(DataError, match=r"ragged\.parquet: column `embeddings` must hold one list"):
+        _load_gallery_file(tmp_path / "ragged.parquet", rows)

@@ -36,6 +36,7 @@ def test_compatible_model_becomes_challenger(cfg, registry_inputs, tmp_path: Pat
     version = client.get_model_version_by_alias("kanji-embedder", "challenger")
     assert str(version.version) == "1"
     assert version.tags["gallery_sha256"] == "b" * 64 and version.tags["gate.passed"] == "True"
+    assert json.loads(version.tags["preprocess"])["channels"] == 1  # how to feed it, read from the ONNX's metadata
     assert "compatible with old model" in version.description
     run = client.get_run(result["run_id"])
     assert run.data.tags["registration"] == "kanji-embedder/1"
