@@ -24,6 +24,17 @@ for key, value in {
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def kanjivg_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded KanjiVG source copied from the installed package once per session (a clean clone has no
+    data/kanjivg until `make data`)."""
+    from components.data.kanjivg import copy_source
+
+    raw = tmp_path_factory.mktemp("kanjivg") / "raw"
+    copy_source(raw)
+    return raw
+
+
 def tiny_params(tmp: Path, **sections: dict) -> Path:
     """A params.yaml for a seconds-long upgrade on the embedded data, with its own MLflow store in `tmp`."""
     from components.data.kanjivg import copy_source

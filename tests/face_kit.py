@@ -22,10 +22,10 @@ from components.ijb import write_protocol
 
 
 def glyph_files(root: Path, n: int) -> list[Path]:
-    """`n` base-form KanjiVG files from the copied package data (make data), in name order."""
+    """`n` base-form KanjiVG files of a copy of the package data (the `kanjivg_raw` fixture), in name order."""
     files = sorted(p for p in Path(root).glob("*.svg") if "-" not in p.stem)
     if len(files) < n:
-        raise FileNotFoundError(f"{root}: fewer than {n} KanjiVG files (run `make data`)")
+        raise FileNotFoundError(f"{root}: fewer than {n} KanjiVG files")
     return files[200 : 200 + n]  # skip the first code points: punctuation-like glyphs
 
 

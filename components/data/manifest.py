@@ -167,8 +167,8 @@ def record_manifest(cfg: DataConfig) -> pd.DataFrame:
     identities: dict[str, list[Item]] = {}
     for source, sample, ident in record_items(cfg.source, cfg.root):
         identities.setdefault(ident, []).append(Item(source, sample, ident))
-    for ident, items in identities.items():  # seeded, not storage, order of each identity's images
-        identities[ident] = sorted(items, key=lambda it: (_rank(cfg.seed, f"{it.source}:{it.sample}"), it.sample))
+    for ident, items in identities.items():  # seeded, not storage, order; by file name and key, never the folder
+        identities[ident] = sorted(items, key=lambda it: (_rank(cfg.seed, f"{Path(it.source).name}:{it.sample}"), it.sample))
     return _assign(cfg, identities, None)
 
 

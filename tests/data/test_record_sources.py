@@ -18,19 +18,24 @@ from components.errors import ValidationFailed
 from components.paths import Paths
 from tests.face_kit import faces, glyph_files, write_recordio_set, write_webdataset
 
-ROOT = Path(__file__).resolve().parents[2]
 IDENTITIES, PER_IDENTITY, SIZE = 24, 6, 32
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[int, np.ndarray]:
-    files = glyph_files(ROOT / "data" / "kanjivg", IDENTITIES)
+def images(kanjivg_raw: Path) -> dict[int, np.ndarray]:
+    files = glyph_files(kanjivg_raw, IDENTITIES)
     return {100 + k: faces(f, 100 + k, PER_IDENTITY, SIZE) for k, f in enumerate(files)}
 
 
 def _cfg(source: str, root: Path, **kw: object) -> DataConfig:
     return DataConfig(source=source, root=str(root), image_size=SIZE, channels=3, test_identities=6, val_identities=2,
                       **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_the_split_does_not_depend_on_where_the_files_are(images: dict, tmp_path: Path) -> None:
+    a = build_manifest(_cfg("recordio", write_recordio_set(tmp_path / "a", images).parent))
+    b = build_manifest(_cfg("recordio", write_recordio_set(tmp_path / "elsewhere" / "b", images).parent))
+    assert a[["sample", "identity", "split", "label"]].equals(b[["sample", "identity", "split", "label"]])
 
 
 @pytest.mark.parametrize("source", ["recordio", "webdataset"])
@@ -68,7 +73,8 @@ def test_prepare_then_read_gives_the_records_pixels(store: str, images: dict, tm
 def test_a_broken_record_fails_validation_naming_it(images: dict, tmp_path: Path) -> None:
     rec = write_recordio_set(tmp_path / "rec", images)
     reader = RecordIOReader(rec)
-    key = int(reader.image_keys()[5])
+    manifest = build_manifest(_cfg("recordio", rec.parent))
+    key = int(manifest.loc[manifest["split"] == "query", "sample"].iloc[0])  # a record the split uses
     data = bytearray(rec.read_bytes())
     offset = reader.offset(key) + 8 + 24  # the image payload, after the container and IRHeader
     data[offset + 2 : offset + 40] = b"\0" * 38  # JPEG markers gone

@@ -19,18 +19,17 @@ from components.paths import Paths
 from components.preprocess import METADATA_KEY, Preprocess
 from tests.face_kit import faces, glyph_files, write_ijb, write_recordio_set, write_verification_bin
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE = 112
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_face_upgrade_recordio_iresnet18_to_iresnet50(tmp_path: Path) -> None:
+def test_face_upgrade_recordio_iresnet18_to_iresnet50(tmp_path: Path, kanjivg_raw: Path) -> None:
     from mlflow import MlflowClient
 
     from flows.upgrade import upgrade
 
-    files = glyph_files(ROOT / "data" / "kanjivg", 44)
+    files = glyph_files(kanjivg_raw, 44)
     train = {k: faces(f, k, 8, SIZE) for k, f in enumerate(files[:36])}  # identities of the RecordIO set
     held = {k: faces(f, k, 8, SIZE, first=20) for k, f in enumerate(files[36:], start=36)}  # never in it
     rec = write_recordio_set(tmp_path / "ms1m-like", train)

@@ -53,15 +53,14 @@ def _rapidocr_embeddings(model: Path, gray: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_upgrade_from_a_pretrained_ocr_recogniser(tmp_path: Path) -> None:
+def test_upgrade_from_a_pretrained_ocr_recogniser(tmp_path: Path, kanjivg_raw: Path) -> None:
     from components import pipeline
     from components.config import load_config
     from components.stages import old_embedder, split_arrays
     from flows.upgrade import upgrade
 
     model = shutil.copy(_recogniser(), tmp_path / "ppocr_rec.onnx")
-    root = Path(__file__).resolve().parents[2] / "data" / "kanjivg"
-    data = {"root": str(root), "image_size": 48, "train_identities": 240, "test_identities": 40, "val_identities": 4,
+    data = {"root": str(kanjivg_raw), "image_size": 48, "train_identities": 240, "test_identities": 40, "val_identities": 4,
             "samples_per_identity": 6, "shift": "none"}  # fmt: skip
     params = {
         "data": data,
