@@ -480,8 +480,9 @@ class OnnxEmbedder:
         _check_input(path, shape, declared, where)
         self.preprocess = declared
         size = declared.size
-        fixed = [d for d in (shape[1:3] if declared.layout == "nhwc" else shape[2:4])]
-        self.image_size = size[0] if size is not None and size[0] == size[1] and all(isinstance(d, int) for d in fixed) else -1
+        spatial = shape[1:3] if declared.layout == "nhwc" else shape[2:4]
+        square = size is not None and size[0] == size[1] and all(isinstance(d, int) for d in spatial)
+        self.image_size = size[0] if square else -1  # -1: the model takes any size
         if pool == "none":
             self.dim = int(out_shape[1])
         elif size is not None:  # the pooled width, from one all-zero image

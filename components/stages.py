@@ -44,7 +44,7 @@ def load_manifest(paths: Paths) -> pd.DataFrame:
     return pd.read_csv(paths.manifest, dtype={"identity": str, "source": str, "id": str, "split": str})
 
 
-def load_images(paths: Paths) -> Rows:
+def load_images(paths: Paths, manifest: pd.DataFrame | None = None) -> Rows:
     """Every image of the dataset, as a lazy view (components.data.store): rows are read when indexed, from the
     stored images.npy or, for data.store: source, decoded from the raw files the manifest names."""
     from components.data.store import ImageRows, SourceRows
@@ -52,7 +52,7 @@ def load_images(paths: Paths) -> Rows:
     summary = paths.dataset / "summary.json"
     store = json.loads(summary.read_text()).get("store") if summary.is_file() else None
     if store and store.get("kind") == "source":
-        manifest = load_manifest(paths)
+        manifest = load_manifest(paths) if manifest is None else manifest  # a caller's copy: read the CSV once
         return SourceRows(store["source"], manifest["source"].to_numpy(), manifest["sample"].to_numpy(),
                           int(store["image_size"]), int(store["channels"]), int(store["max_pixels"]))  # fmt: skip
     if not paths.images.is_file():
@@ -67,7 +67,7 @@ def split_arrays(paths: Paths, split: str) -> tuple[Rows, np.ndarray]:
 
     manifest = load_manifest(paths)
     rows = split_rows(manifest, split)
-    return load_images(paths).subset(rows), manifest["label"].to_numpy()[rows].astype(np.int64)
+    return load_images(paths, manifest).subset(rows), manifest["label"].to_numpy()[rows].astype(np.int64)
 
 
 def stored_preprocess(paths: Paths) -> Preprocess:
