@@ -280,6 +280,7 @@ def bench_stream(threads: int, scale: int, keep: Path | None) -> None:
         for k in (1, scale):
             work = tmp / f"x{k}"
             for stage_set in ("prepare", "train"):
+                shutil.rmtree(work / "checkpoints", ignore_errors=True)  # a kept folder's finished runs are not reused
                 out = subprocess.run([sys.executable, __file__, "stream-child", "--work", str(work), "--scale", str(k),
                                       "--threads", str(threads), "--stages", stage_set],
                                      capture_output=True, text=True, check=True)  # fmt: skip

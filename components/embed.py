@@ -607,23 +607,50 @@ def check_compatible_dims(old: Embedder, new_dim: int, image_size: int | None = 
         )
 
 
+def _embedded(embedder: Embedder, images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, embeddings [b, d] float32) per batch, in input order; each batch goes through the embedder's own
+    preprocess, read and preprocessed ahead by DataLoader workers (components.data.store)."""
+    from components.data.store import batches, chunks
+
+    order = chunks(len(images), batch_size)
+    for positions, x in zip(order, batches(images, embedder.preprocess, order), strict=True):
+        yield int(positions[0]), np.asarray(embedder(x.numpy()), dtype=np.float32)
+
+
 def extract(
     embedder: Embedder,
-    images: np.ndarray,  # [N, H, W] or [N, H, W, 3] uint8, stored pixels
+    images: np.ndarray,  # [N, H, W] or [N, H, W, 3] uint8, stored pixels (an array or a lazy Rows view)
     batch_size: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Embeddings [N, d] float32, in input order; each batch goes through the embedder's own preprocess, read and
-    preprocessed ahead by DataLoader workers when the images are decoded from raw files (components.data.store)."""
-    from components.data.store import batches, chunks
-
+    """Embeddings [N, d] float32, in input order."""
     out = np.empty((len(images), embedder.dim), dtype=np.float32)
-    order = chunks(len(images), batch_size)
-    for positions, x in zip(order, batches(images, embedder.preprocess, order), strict=True):
-        out[positions[0] : positions[-1] + 1] = embedder(x.numpy())
+    for start, feats in _embedded(embedder, images, batch_size):
+        out[start : start + len(feats)] = feats
         if progress is not None:
-            progress(len(positions))
+            progress(len(feats))
     return out
+
+
+def extract_to_file(
+    embedder: Embedder,
+    images: np.ndarray,
+    path: Path,
+    batch_size: int = 512,
+    progress: Callable[[int], None] | None = None,
+) -> bool:
+    """The embeddings `extract` gives, written batch by batch to the .npy `path` (the bytes np.save would write)
+    without ever holding them whole; True when every value is finite."""
+    from components.data.store import ArrayWriter
+
+    finite = True
+    with ArrayWriter(path, (len(images), embedder.dim), np.float32) as writer:
+        for start, feats in _embedded(embedder, images, batch_size):
+            writer.write_block(start, feats)
+            finite = finite and bool(np.isfinite(feats).all())
+            if progress is not None:
+                progress(len(feats))
+    return finite
 
 
 def export_onnx(backbone: nn.Module, path: Path, preprocess: Preprocess | int) -> Path:

@@ -166,6 +166,18 @@ def read_at(fd: int, offset: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
+def write_at(fd: int, offset: int, data: bytes | memoryview) -> None:
+    """All of `data` at `offset` of an open descriptor (os.pwrite, looping over short writes; a seek on Windows)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        if hasattr(os, "pwrite"):
+            done = os.pwrite(fd, view, offset)
+        else:
+            os.lseek(fd, offset, os.SEEK_SET)
+            done = os.write(fd, view)
+        view, offset = view[done:], offset + done
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

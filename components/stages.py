@@ -38,10 +38,15 @@ def set_threads(n: int) -> None:
     faiss_threads(n)
 
 
-def load_manifest(paths: Paths) -> pd.DataFrame:
+def load_manifest(paths: Paths, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The dataset manifest, or only some of its columns (at millions of rows a column of paths costs ~100 MB)."""
     if not paths.manifest.is_file():
         raise DataError(f"{paths.manifest}: dataset manifest not found (run the prepare stage first)")
-    return pd.read_csv(paths.manifest, dtype={"identity": str, "source": str, "id": str, "split": str})
+    try:
+        return pd.read_csv(paths.manifest, dtype={"identity": str, "source": str, "id": str, "split": str},
+                           usecols=list(columns) if columns is not None else None)  # fmt: skip
+    except ValueError as err:  # a column asked for is missing
+        raise DataError(f"{paths.manifest}: {err}") from None
 
 
 def load_images(paths: Paths, manifest: pd.DataFrame | None = None) -> Rows:
@@ -49,8 +54,7 @@ def load_images(paths: Paths, manifest: pd.DataFrame | None = None) -> Rows:
     stored images.npy or, for data.store: source, decoded from the raw files the manifest names."""
     from components.data.store import ImageRows, SourceRows
 
-    summary = paths.dataset / "summary.json"
-    store = json.loads(summary.read_text()).get("store") if summary.is_file() else None
+    store = _store(paths)
     if store and store.get("kind") == "source":
         manifest = load_manifest(paths) if manifest is None else manifest  # a caller's copy: read the CSV once
         return SourceRows(store["source"], manifest["source"].to_numpy(), manifest["sample"].to_numpy(),
@@ -60,12 +64,19 @@ def load_images(paths: Paths, manifest: pd.DataFrame | None = None) -> Rows:
     return ImageRows(paths.images)
 
 
+def _store(paths: Paths) -> dict[str, Any] | None:
+    summary = paths.dataset / "summary.json"
+    return json.loads(summary.read_text()).get("store") if summary.is_file() else None
+
+
 def split_arrays(paths: Paths, split: str) -> tuple[Rows, np.ndarray]:
     """(images, labels [n]) of one split, in manifest order; images is a lazy uint8 view [n, H, W(, 3)]: index it
     (a slice, an int, positions) to read pixels."""
     from components.data.manifest import split_rows
 
-    manifest = load_manifest(paths)
+    store = _store(paths)
+    columns = ("split", "label") + (("source", "sample") if store and store.get("kind") == "source" else ())
+    manifest = load_manifest(paths, columns)
     rows = split_rows(manifest, split)
     return load_images(paths, manifest).subset(rows), manifest["label"].to_numpy()[rows].astype(np.int64)
 
@@ -287,7 +298,7 @@ def legacy(
             save_backbone(backbone, out / "model.pt", cfg.arch, cfg.embedding_dim, pre.square, pre)
             # The old classifier, by identity: BCT's influence loss uses its rows for the classes it saw.
             weight = head.fc.weight if isinstance(head, SoftmaxHead) else head.weight  # [C_old, d]
-            manifest = load_manifest(paths)
+            manifest = load_manifest(paths, ("identity", "split", "label"))
             old_rows = manifest[manifest["split"] == "old_train"]
             names = old_rows.groupby("label")["identity"].first().sort_index()
             with atomic_path(out / "head.npz", suffix=".npz") as tmp:
@@ -447,7 +458,7 @@ def validate_gallery(paths: Paths, embedding_dim: int, suite: str = "legacy_gall
     from components.validation import validate_embeddings
 
     gallery = np.load(gallery_path(paths), allow_pickle=False)
-    n_gallery = len(split_rows(load_manifest(paths), "gallery"))
+    n_gallery = len(split_rows(load_manifest(paths, ("split",)), "gallery"))
     source = legacy_info(paths).get("source_gallery", str(gallery_path(paths)))
     report_path = paths.reports / f"{suite}_validation.md"
     report = validate_embeddings(gallery, embedding_dim, n_gallery, source_name=source, suite=suite, report_path=report_path)
@@ -458,20 +469,21 @@ def validate_gallery(paths: Paths, embedding_dim: int, suite: str = "legacy_gall
 def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: Paths, threads: int = 2) -> dict[str, Any]:
     """Old features of every new-training image (dataset order) and MixBCT's credible mask (T = keep)."""
     from components.credible import credible_mask
-    from components.embed import check_compatible_dims, extract
+    from components.data.store import ArrayRows
+    from components.embed import check_compatible_dims, extract_to_file
 
     embedder = old_embedder(paths, threads=threads)
     check_compatible_dims(embedder, embedding_dim, name=legacy_info(paths).get("source_model"))
     validate_gallery(paths, embedding_dim)
     images, labels = split_arrays(paths, "new_train")
-    with bar(f"extract old features ({Path(embedder.source).name})", len(images)) as advance:
-        feats = extract(embedder, images, batch_size=cfg.batch_size, progress=advance)
-    if not np.isfinite(feats).all():
-        raise DataError(f"{embedder.source}: old model produced non-finite features on the new training set")
-    mask = credible_mask(feats, labels, keep=cfg.credible_keep)
-    summary = {"rows": len(feats), "credible": int(mask.sum()), "credible_fraction": float(mask.mean())}
     with atomic_dir(paths.old_features) as out:
-        np.save(out / "features.npy", feats)
+        # written batch by batch and read back by rows: the features are never held whole (issue "streaming data")
+        with bar(f"extract old features ({Path(embedder.source).name})", len(images)) as advance:
+            finite = extract_to_file(embedder, images, out / "features.npy", batch_size=cfg.batch_size, progress=advance)
+        if not finite:
+            raise DataError(f"{embedder.source}: old model produced non-finite features on the new training set")
+        mask = credible_mask(ArrayRows(out / "features.npy"), labels, keep=cfg.credible_keep)
+        summary = {"rows": len(labels), "credible": int(mask.sum()), "credible_fraction": float(mask.mean())}
         np.save(out / "credible.npy", mask)
         write_json(out / "summary.json", summary)
     return summary
@@ -518,6 +530,7 @@ def _fit_backbone(
     from components.losses import build_method
     from components.models import build_backbone
     from components.task import CompatibleTask
+    from components.data.store import ArrayRows
     from components.train import LoopConfig, TrainArrays, fit
 
     torch.manual_seed(cfg.seed)
@@ -531,7 +544,7 @@ def _fit_backbone(
     )  # fmt: skip
     old = credible = old_sha256 = None
     if method.needs_old_features:
-        old = np.load(paths.old_features / "features.npy", mmap_mode="r")  # a step copies its own rows
+        old = ArrayRows(paths.old_features / "features.npy")  # a step reads its own rows (os.pread, no memory map)
         credible = np.load(paths.old_features / "credible.npy")
         if old.shape[1] != cfg.embedding_dim:
             from components.errors import IncompatibleModel
@@ -575,7 +588,7 @@ def _old_classifier(paths: Paths, n_classes: int, dim: int) -> tuple[np.ndarray,
     if weight.shape[1] != dim:
         return rows, known
     index = {name: i for i, name in enumerate(identities.tolist())}
-    manifest = load_manifest(paths)
+    manifest = load_manifest(paths, ("identity", "split", "label"))
     new_rows = manifest[manifest["split"] == "new_train"]
     for label, name in new_rows.groupby("label")["identity"].first().items():
         if name in index:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,8 +32,9 @@ class TrainingTask(nn.Module):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
         raise NotImplementedError
 
-    def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
-        """Dataset-level state, once before training (a resumed checkpoint then overrides it)."""
+    def prepare(self, old: Any, labels: torch.Tensor) -> None:
+        """Dataset-level state, once before training (a resumed checkpoint then overrides it). `old`: the old
+        features [N, d] as an array or a lazy row view (components.data.store.ArrayRows), or None."""
 
     def on_epoch_start(self, epoch: int, epochs: int, images: Any, preprocess: Preprocess) -> None:
         """Called before each epoch with the training images (uint8 [N, H, W(, 3)], an array or a lazy
@@ -51,8 +53,10 @@ class CompatibleTask(TrainingTask):
         new = self.backbone(batch.x)  # [b, d]
         return self.method(new, batch.labels, batch.old, batch.credible)
 
-    def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
-        self.method.prepare(old, labels)
+    def prepare(self, old: Any, labels: torch.Tensor) -> None:
+        if type(self.method).prepare is CompatibilityMethod.prepare:
+            return  # no dataset-level state (MixBCT, L2, the paragon): the old features are not read whole
+        self.method.prepare(torch.from_numpy(np.array(old, dtype=np.float32)) if old is not None else None, labels)
 
     def on_epoch_start(self, epoch: int, epochs: int, images: Any, preprocess: Preprocess) -> None:
         def embed_train() -> torch.Tensor:

@@ -41,11 +41,11 @@ class LoopConfig:
 @dataclass(frozen=True)
 class TrainArrays:
     """Everything a step reads. Images are a lazy view (components.data.store.Rows: each batch is read when it
-    is needed) or an array; old features may be a memory map: a step copies only its own rows."""
+    is needed) or an array; old features likewise (components.data.store.ArrayRows): a step reads only its own rows."""
 
     images: Rows | np.ndarray  # [N, H, W] or [N, H, W, 3] uint8
     labels: np.ndarray  # [N] int
-    old: np.ndarray | None = None  # [N, d] float32 old features, dataset order
+    old: np.ndarray | Rows | None = None  # [N, d] float32 old features, dataset order (an array or a lazy ArrayRows)
     credible: np.ndarray | None = None  # [N] bool
     preprocess: Preprocess | None = None  # None: 1 channel at the images' own size, in [-1, 1]
     workers: int | None = None  # DataLoader processes reading batches ahead (None: components.data.store.loader_workers)
@@ -77,7 +77,7 @@ def fit(
     images = data.images
     preprocess = data.preprocess if data.preprocess is not None else default_preprocess(int(images.shape[1]))
     labels = torch.from_numpy(data.labels.astype(np.int64))
-    old_rows = data.old  # [N, d], possibly a memory map: rows are copied per step
+    old_rows = data.old  # [N, d], possibly a lazy view: rows are read per step
     credible = torch.from_numpy(data.credible.astype(bool)) if data.credible is not None else None
     n = len(labels)
     steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees b rows, so floor(α·b) is constant
@@ -87,8 +87,7 @@ def fit(
     optimizer = torch.optim.SGD(task.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    task.prepare(torch.from_numpy(np.array(old_rows, dtype=np.float32)) if old_rows is not None else None, labels)
-    # ^ dataset-level state of the method; a resumed checkpoint then overrides it
+    task.prepare(old_rows, labels)  # dataset-level state of the method; a resumed checkpoint then overrides it
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         task.load_state_dict(state["task"])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from components.errors import DataError
-from components.io import read_at
+from components.io import read_at, write_at
 
 if TYPE_CHECKING:
     import torch
@@ -47,12 +47,13 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
 
 
 class Rows:
-    """A lazy uint8 image array over some file rows: an int, a slice or an array of positions reads those rows."""
+    """A lazy array over some rows of a file or source (uint8 images unless a subclass says otherwise): an int, a
+    slice or an array of positions reads those rows."""
 
     rows: np.ndarray  # int64 positions in the whole dataset (manifest order)
     _pixel_shape: tuple[int, ...]
 
-    def read(self, rows: np.ndarray) -> np.ndarray:  # uint8 [len(rows), H, W(, 3)] of dataset rows `rows`
+    def read(self, rows: np.ndarray) -> np.ndarray:  # [len(rows), ...] of file rows `rows` (images: uint8 [.., H, W(, 3)])
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -88,16 +89,18 @@ class Rows:
         return out if dtype is None else out.astype(dtype)
 
 
-class ImageRows(Rows):
-    """Rows of a stored images.npy, read with os.pread (see the module docstring)."""
+class ArrayRows(Rows):
+    """Rows of a C-ordered .npy file of any dtype, read with os.pread: an int, a slice or an array of positions reads
+    exactly those rows (runs of consecutive rows in one call). No memory map: reading every row, as an epoch or a
+    pass over old features does, leaves the resident set where it was. Pickles as its path and row numbers."""
 
     def __init__(self, path: str | Path, rows: np.ndarray | None = None) -> None:
         self.path = Path(path)
-        shape, dtype, self._offset = _header(self.path)
-        if dtype != np.uint8 or len(shape) not in (3, 4):
-            raise DataError(f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 3], got {dtype} {shape}")
+        shape, self._dtype, self._offset = _header(self.path)
+        if not shape:
+            raise DataError(f"{self.path}: a 0-d array has no rows")
         self._n, self._pixel_shape = shape[0], tuple(shape[1:])
-        self._row_bytes = int(np.prod(self._pixel_shape))
+        self._row_bytes = int(np.prod(self._pixel_shape)) * self._dtype.itemsize
         size = self.path.stat().st_size
         if self._offset + self._n * self._row_bytes > size:
             raise DataError(f"{self.path}: truncated: {size} bytes hold fewer than the {self._n} rows its header says")
@@ -106,6 +109,10 @@ class ImageRows(Rows):
             raise DataError(f"{self.path}: row {int(self.rows.max())} is out of range ({self._n} rows)")
         self._fd: int | None = None
         self._pid: int | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
 
     # a worker process opens its own descriptor
     def __getstate__(self) -> dict[str, Any]:
@@ -123,13 +130,12 @@ class ImageRows(Rows):
         return self._fd
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Pixels of file rows `rows` (in that order): uint8 [len(rows), H, W(, 3)]; runs of consecutive rows are
-        read with one call."""
+        """File rows `rows` (in that order): [len(rows), ...]; runs of consecutive rows are read with one call."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), *self._pixel_shape), dtype=np.uint8)
+        out = np.empty((len(rows), *self._pixel_shape), dtype=self._dtype)
         if not len(rows):
             return out
-        flat = out.reshape(len(rows), -1)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
@@ -141,6 +147,18 @@ class ImageRows(Rows):
                 raise DataError(f"{self.path}: short read at row {first} (file changed while reading?)")
             flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(count, -1)
         return out
+
+
+class ImageRows(ArrayRows):
+    """Rows of a stored images.npy (uint8 [N, H, W] or [N, H, W, 3]), read with os.pread (module docstring)."""
+
+    def __init__(self, path: str | Path, rows: np.ndarray | None = None) -> None:
+        super().__init__(path, rows)
+        if self._dtype != np.uint8 or len(self._pixel_shape) not in (2, 3):
+            raise DataError(
+                f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 3], "
+                f"got {self._dtype} {(self._n, *self._pixel_shape)}"
+            )
 
 
 class SourceRows(Rows):
@@ -167,23 +185,38 @@ class SourceRows(Rows):
 
 
 class ArrayWriter:
-    """Writes an images.npy of a known shape block by block (rows in any order), never holding it whole."""
+    """Writes a C-ordered .npy of a known shape and dtype (uint8 images unless told) block by block, rows in any
+    order, never holding it whole. The bytes are those `np.save` writes for the same array."""
 
-    def __init__(self, path: str | Path, shape: tuple[int, ...]) -> None:
-        self.path, self.shape = Path(path), tuple(shape)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": self.shape}
+    def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: Any = np.uint8) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(int(n) for n in shape), np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         with open(self.path, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
             self._offset = f.tell()
-            f.truncate(self._offset + int(np.prod(self.shape)))
-        self._row_bytes = int(np.prod(self.shape[1:]))
+            f.truncate(self._offset + int(np.prod(self.shape)) * self.dtype.itemsize)
+        self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         self._fd = os.open(self.path, os.O_WRONLY)
 
-    def write(self, rows: np.ndarray, pixels: np.ndarray) -> None:
+    def _rows_of(self, values: np.ndarray, n: int) -> np.ndarray:
+        values = np.asarray(values)
+        if values.shape[1:] != self.shape[1:] or len(values) != n:
+            raise ValueError(f"{self.path}: rows of shape {values.shape} do not fit an array of shape {self.shape}")
+        return np.ascontiguousarray(values, dtype=self.dtype)
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """values[i] into row rows[i]."""
         rows = np.asarray(rows, dtype=np.int64)
-        pixels = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(len(rows), -1)
-        for row, data in zip(rows.tolist(), pixels, strict=True):
-            os.pwrite(self._fd, data.tobytes(), self._offset + row * self._row_bytes)
+        flat = self._rows_of(values, len(rows)).reshape(len(rows), -1)
+        for row, data in zip(rows.tolist(), flat, strict=True):
+            write_at(self._fd, self._offset + row * self._row_bytes, data.view(np.uint8).data)
+
+    def write_block(self, start: int, values: np.ndarray) -> None:
+        """values into rows start, start + 1, ... with one write."""
+        if start < 0 or start + len(values) > self.shape[0]:
+            raise ValueError(f"{self.path}: rows {start}..{start + len(values)} are outside {self.shape[0]} rows")
+        block = self._rows_of(values, len(values))
+        write_at(self._fd, self._offset + start * self._row_bytes, block.reshape(-1).view(np.uint8).data)
 
     def close(self) -> None:
         os.fsync(self._fd)

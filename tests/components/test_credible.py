@@ -45,3 +45,22 @@ def test_scale_of_rows_does_not_change_the_mask() -> None:
     labels = np.repeat([0, 1, 2], 10)
     scaled = feats * rng.uniform(0.1, 10.0, size=(30, 1))  # rows are L2-normalised first
     assert np.array_equal(credible_mask(feats, labels), credible_mask(scaled, labels))
+
+
+def test_mask_read_by_blocks_from_a_file_equals_the_mask_of_the_whole_array(tmp_path) -> None:
+    """The extract stage never holds the old features whole: it reads them back by rows. Same mask, bit for bit."""
+    from components.credible import column_norms
+    from components.data.store import ArrayRows
+
+    rng = np.random.default_rng(3)
+    feats = rng.standard_normal((2_000, 16)).astype(np.float32) * rng.uniform(0.1, 10, (2_000, 1)).astype(np.float32)
+    labels = rng.integers(0, 37, 2_000)
+    np.save(tmp_path / "f.npy", feats)
+    rows = ArrayRows(tmp_path / "f.npy")
+    assert np.array_equal(column_norms(rows, block=77), np.linalg.norm(_row_normed(feats), axis=0))
+    assert np.array_equal(credible_mask(rows, labels, keep=0.9, block=77), credible_mask(feats, labels, keep=0.9))
+
+
+def _row_normed(feats: np.ndarray) -> np.ndarray:
+    x = feats.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

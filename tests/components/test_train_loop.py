@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from components.embed import load_backbone, save_backbone
@@ -101,3 +102,27 @@ def test_saved_backbone_has_no_classifier_or_old_weights(tmp_path: Path) -> None
     model, meta = load_backbone(tmp_path / "model.pt")
     assert meta == {"arch": "small_cnn", "embedding_dim": 8, "image_size": 16}
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_old_features_are_read_whole_only_by_methods_with_dataset_state() -> None:
+    """MixBCT keeps no dataset-level state: its training reads old features a batch at a time (streaming), while
+    BCT builds its class prototypes from all of them once."""
+
+    class Unreadable:
+        shape = (6, 4)
+
+        def __len__(self) -> int:
+            return 6
+
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("the old features were read whole")
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    backbone = build_backbone("small_cnn", 4, 32)
+    CompatibleTask(backbone, build_method("mixbct", embedding_dim=4, num_classes=3)).prepare(Unreadable(), labels)
+    bct = CompatibleTask(backbone, build_method("bct", embedding_dim=4, num_classes=3))
+    with pytest.raises(AssertionError, match="read whole"):
+        bct.prepare(Unreadable(), labels)
+    old = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    bct.prepare(old, labels)
+    assert bool(bct.method.prepared)

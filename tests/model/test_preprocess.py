@@ -149,3 +149,30 @@ def test_a_truncated_store_is_refused(tmp_path: Path) -> None:
     (tmp_path / "images.npy").write_bytes(data[:-5])
     with pytest.raises(DataError, match="truncated"):
         ImageRows(tmp_path / "images.npy")
+
+
+def test_features_written_by_blocks_are_the_bytes_np_save_writes(tmp_path: Path) -> None:
+    """extract_to_file streams an embedder's output to disk; the file is np.save's, so hashes and DVC see no change."""
+    from components.data.store import ArrayRows
+    from components.embed import extract, extract_to_file
+
+    class Twice:  # an embedder: 2 x the mean pixel per channel, 3-d
+        dim, source = 3, "twice"
+        preprocess = Preprocess(channels=3)
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            return 2 * x.mean(axis=(2, 3))
+
+    images = RNG.integers(0, 256, size=(37, 4, 4, 3), dtype=np.uint8)
+    want = extract(Twice(), images, batch_size=8)
+    assert extract_to_file(Twice(), images, tmp_path / "f.npy", batch_size=8)
+    np.save(tmp_path / "ref.npy", want)
+    assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    rows = ArrayRows(tmp_path / "f.npy")
+    assert rows.dtype == np.float32 and rows.shape == (37, 3)
+    assert np.array_equal(rows[np.array([36, 0, 5, 6, 7])], want[[36, 0, 5, 6, 7]])
+    with ArrayWriter(tmp_path / "g.npy", (4, 3), np.float32) as writer:
+        with pytest.raises(ValueError, match="do not fit"):
+            writer.write_block(0, np.zeros((2, 2)))
+        with pytest.raises(ValueError, match="outside"):
+            writer.write_block(3, np.zeros((2, 3)))
