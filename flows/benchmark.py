@@ -60,7 +60,7 @@ def benchmark(
         rows = benchmark_report.aggregate(records)
         command = f"mixbct benchmark --grid {grid} --params {params} --workdir {workdir} --report {report}"
         written = task(benchmark_report.write_report, name="report")(
-            spec, rows, report, command, len(plans) - len(records)
+            spec, rows, report, command, len(plans) - len(records), records
         )
     logged = task(registry.log_benchmark, name="log-mlflow", retries=2, retry_delay_seconds=5)(
         plans[0].cfg.registry, spec.name, records, written

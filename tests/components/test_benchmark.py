@@ -282,3 +282,33 @@ def test_method_none_trains_exactly_the_paragon(params_factory, tmp_path: Path) 
     stages.train(cfg.train, cfg.data.image_size, paths, "paragon")
     new, paragon = (torch.load(paths.model_dir(r) / "model.pt", weights_only=True)["state_dict"] for r in ("new", "paragon"))
     assert new.keys() == paragon.keys() and all(torch.equal(new[k], paragon[k]) for k in new)
+
+
+def test_a_baseline_near_the_paragon_is_reported_with_its_measured_reason() -> None:
+    def rec(method: str, cross: float, terms: dict[str, tuple[float, float]] | None) -> dict:
+        r = _record(method, 0, 0.9, cross, 0.95, cross > 0.9)
+        r["pairs"]["paragon/old"] = {"top1": 0.002}
+        if terms is not None:
+            r["training"] = {"first": {"loss": 50.0, "cls": 40.0, **{k: a for k, (a, _) in terms.items()}},
+                             "last": {"loss": 9.0, "cls": 4.0, **{k: b for k, (_, b) in terms.items()}}}  # fmt: skip
+        return r
+
+    records = [
+        rec("bct", 0.93, {"influence": (9.0, 1.0)}),  # well above the paragon
+        rec("nccl", 0.05, {"nccl": (4.0, 3.8)}),  # barely fell
+        rec("lce", 0.03, {"boundary": (2.0, 0.1), "align": (1.0, 0.2)}),  # fell, yet near the paragon
+        rec("advbct", 0.01, None),  # no history
+        rec("mixbct", 0.95, {}),  # not a corrected baseline: not listed
+    ]
+    review = {r["method"]: r for r in report.baseline_review(records)}
+    assert set(review) == {"bct", "nccl", "lce", "advbct"}
+    assert review["bct"]["verdict"] == "well above" and review["bct"]["above"] == pytest.approx(0.928)
+    assert review["nccl"]["verdict"] == "near the paragon"
+    assert "not optimised away" in review["nccl"]["reason"] and "nccl 4 → 3.8 (barely fell, 95% left)" in review["nccl"]["reason"]
+    assert "cls 40 → 4" in review["nccl"]["reason"]
+    assert "was optimised, yet" in review["lce"]["reason"] and "boundary 2 → 0.1 (fell, 5% left)" in review["lce"]["reason"]
+    assert review["advbct"]["reason"] == "no training history recorded for this cell"
+    text = report.render(bm.Grid("hand", {}, ()), report.aggregate(records), "cmd", records=records)
+    assert "## Corrected baselines against the paragon" in text
+    cells = [line for line in content(text) if isinstance(line, list)]
+    assert any(c[:3] == ["open-class/softmax/d128", "nccl", "0"] and c[6] == "near the paragon" for c in cells)
