@@ -22,7 +22,9 @@ def raw(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("scenario", ["open-class", "open-data", "extended-class", "extended-data"])
+# ~15 s each: the default scenario in the default suite, the three others in `make test-all` (CI)
+@pytest.mark.parametrize("scenario", ["open-class", *(pytest.param(s, marks=pytest.mark.slow) for s in
+                                                      ("open-data", "extended-class", "extended-data"))])  # fmt: skip
 def test_default_manifest_passes_its_suite(raw: Path, scenario: str) -> None:
     cfg = load_config(ROOT / "params.yaml", {"data.root": str(raw), "data.scenario": scenario}).data
     manifest = build_manifest(cfg)
