@@ -190,6 +190,9 @@ class TrainConfig(Section):
     # selected method) or per method ({mixbct: {alpha: 0.5}}: each method's entry applies when it is selected).
     method_args: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     hflip: bool = False  # mirrored glyphs are other characters; faces would use True
+    # none | style: a seeded random affine map and stroke-width change per training image (components/augment.py),
+    # a candidate remedy for compatibility under a style shift, measured on validation (`--grid shift-study`)
+    augment: Literal["none", "style"] = "none"
     # What the new model takes (components.preprocess): null = the stored size and channels, scaled to [-1, 1].
     preprocess: Preprocess | None = None
     paragon: bool = True  # also train method "none" as the upper bound

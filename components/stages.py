@@ -557,7 +557,7 @@ def _fit_backbone(
     checkpoint = keys.model_checkpoint(cfg, role, image_size, file_sha256(paths.manifest), old_sha256)
     loop = LoopConfig(
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, hflip=cfg.hflip, seed=cfg.seed,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, hflip=cfg.hflip, augment=cfg.augment, seed=cfg.seed,
     )  # fmt: skip
     if method.accepts_old_classifier:
         rows, known = _old_classifier(paths, n_classes, cfg.embedding_dim)
@@ -608,7 +608,8 @@ def _torch_features(model: torch.nn.Module, images: Any, preprocess: Preprocess,
 
 
 def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -> dict[str, Any]:
-    """procrustes / slerp / adapter: the paragon's backbone plus a map fitted on the support set (the new training
+    """procrustes / slerp / adapter: the paragon's backbone (or, with method_args.base: mixbct, a MixBCT model's)
+    plus a map fitted on the support set (the new training
     images, embedded by the paragon and, in the extract stage, by the old model). SLERP's weight, when not fixed,
     is chosen on the validation identities: the a whose top-1 min(new/old − old/old, new/new − old/old) is the
     highest (components.training_free.choose_slerp_weight). Test identities are never read here."""
@@ -618,7 +619,10 @@ def _train_free(cfg: TrainConfig, image_size: int, paths: Paths, threads: int) -
 
     paragon = paths.model_dir("paragon")
     info = json.loads((paragon / "info.json").read_text()) if (paragon / "info.json").is_file() else {}
-    if info.get("checkpoint") == _paragon_key(cfg, image_size, paths):  # this very paragon, already trained
+    if cfg.method_args.get("base") == "mixbct":  # shift study: the map sits on a MixBCT model, not the paragon
+        base_cfg = cfg.model_copy(update={"method": "mixbct", "method_args": cfg.method_args["base_args"]})
+        backbone, history, _ = _fit_backbone(base_cfg, image_size, paths, "new", "mixbct")
+    elif info.get("checkpoint") == _paragon_key(cfg, image_size, paths):  # this very paragon, already trained
         backbone, _ = load_backbone(paragon / "model.pt")
         history = json.loads((paragon / "history.json").read_text())
     else:  # trained here under the paragon's checkpoint name: the paragon stage then finds it finished

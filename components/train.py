@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.augment import AUGMENTS, style_jitter
 from components.data.store import Rows, batches
 from components.io import atomic_path
 from components.preprocess import Preprocess, default_preprocess
@@ -35,6 +36,7 @@ class LoopConfig:
     weight_decay: float = 5e-4
     grad_clip: float = 5.0
     hflip: bool = False
+    augment: str = "none"  # components.augment.AUGMENTS
     seed: int = 0
 
 
@@ -96,10 +98,14 @@ def fit(
         history = [dict(h) for h in state["history"]]
         log.info("resuming from %s: %d of %d epochs done", checkpoint, start_epoch, cfg.epochs)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 7)
+    augment_gen = torch.Generator()
+    if cfg.augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {cfg.augment!r}")
     for epoch in range(start_epoch, cfg.epochs):
         task.on_epoch_start(epoch, cfg.epochs, images, preprocess)
         task.train()
         flip_gen.manual_seed(cfg.seed * 7919 + epoch)
+        augment_gen.manual_seed(cfg.seed * 7927 + epoch)  # per epoch: a resumed run draws the same maps
         order = _epoch_order(n, cfg.seed, epoch)
         steps = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
         inputs = batches(images, preprocess, (idx.numpy() for idx in steps), workers=data.workers)
@@ -114,6 +120,8 @@ def fit(
                 flip = torch.rand(len(idx), generator=flip_gen) < 0.5
                 width = -1 if preprocess.layout == "nchw" else -2
                 x = torch.where(flip[:, None, None, None], x.flip(width), x)
+            if cfg.augment == "style":
+                x = style_jitter(x, augment_gen, preprocess.layout)
             batch = Batch(
                 x=x,
                 labels=labels[idx],

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -327,11 +327,26 @@ def rebuild_composite(
 # ----------------------------------------------------------------------------------------------- names and args
 
 
-class ProcrustesArgs(MethodArgs):
+class TrainingFreeArgs(MethodArgs):
+    """What every map sits on: the paragon (method.md), or, for the shift study only, the MixBCT model trained with
+    `base_args` (a map on top of MixBCT: does a query-side alignment add anything to compatibility training?)."""
+
+    base: Literal["paragon", "mixbct"] = "paragon"
+    base_args: dict[str, Any] = Field(default_factory=dict)  # MixBCT's arguments when base is mixbct
+
+    @field_validator("base_args")
+    @classmethod
+    def _mixbct_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from components.losses import method_args_model
+
+        return method_args_model("mixbct").model_validate(value).model_dump(mode="json")
+
+
+class ProcrustesArgs(TrainingFreeArgs):
     """Orthogonal Procrustes has no knob of its own."""
 
 
-class SlerpArgs(MethodArgs):
+class SlerpArgs(TrainingFreeArgs):
     """SLERP's interpolation weight a: fixed, or (None) chosen on the validation split over `grid`."""
 
     weight: float | None = Field(None, ge=0, le=1)  # None: the grid's best on the caller's validation score
@@ -345,7 +360,7 @@ class SlerpArgs(MethodArgs):
         return grid
 
 
-class AdapterArgs(MethodArgs):
+class AdapterArgs(TrainingFreeArgs):
     """The adapter's ridge, relative to the mean feature variance (see `fit_adapter`)."""
 
     ridge: float = Field(0.01, gt=0)

@@ -19,12 +19,16 @@ from pydantic import Field
 
 from components.losses import CompatibilityMethod, MethodArgs, register_method
 from components.losses.arcface import ArcFaceHead
+from components.losses.l2 import feature_distance
 
 
 class MixBCTArgs(MethodArgs):
     """MixBCT's own argument. The credible keep ratio T belongs to extraction (`extract.credible_keep`)."""
 
     alpha: float = Field(0.3, ge=0, le=1)  # share of each batch replaced by old features (method.md: α = 0.3)
+    # Not in the paper, for the shift study only: + l2_weight · mean ‖norm(old_i) − norm(new_i)‖₂ over the batch's
+    # own (unmixed) features, the L2 baseline's term (its weight there is 10). 0 = MixBCT exactly.
+    l2_weight: float = Field(0.0, ge=0)
 
 
 def choose_rows(credible: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -62,6 +66,7 @@ class MixBCT(CompatibilityMethod):
         super().__init__()
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
         self.alpha = args.alpha
+        self.l2_weight = args.l2_weight
         # The authors' code leaves the subset unseeded; a seeded generator makes runs (and resumes) exact.
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -73,7 +78,11 @@ class MixBCT(CompatibilityMethod):
         rows = choose_rows(credible, self.alpha, self.generator)
         mixed = mix_features(new, old, rows)  # [b, d]
         loss = self.head(mixed, labels)
-        return {"loss": loss, "cls": loss.detach(), "mixed_rows": torch.tensor(float(rows.numel()))}
+        out = {"loss": loss, "cls": loss.detach(), "mixed_rows": torch.tensor(float(rows.numel()))}
+        if self.l2_weight > 0:  # "L2 + MixBCT" (shift study), not the paper's method
+            term = feature_distance(new, old).mean()
+            out["loss"], out["l2"] = loss + self.l2_weight * term, term.detach()
+        return out
 
     # The generator's state travels in state_dict, so a resumed run draws the same subsets.
     def get_extra_state(self) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ def test_expansion_is_the_union_of_block_cross_products(tmp_path: Path) -> None:
 
 
 def test_named_grids_are_valid_and_unknown_names_fail() -> None:
-    for name in ("quick", "full", "select-default"):
+    for name in ("quick", "full", "select-default", "shift-study"):
         grid = bm.load_grid(name, ROOT / "benchmarks/grid.yaml")
         plans = bm.plan(grid, ROOT / "params.yaml", "/nonexistent")  # every override validates
         assert len({p.keys["new"] for p in plans}) == len(plans)
@@ -163,8 +163,10 @@ def test_review_table_shows_intervals_flips_backfill_shift_and_validation(tmp_pa
                                                   "new/new - old/old": {"top1": iv(0.2, 0, 0)}}}}  # fmt: skip
     old = _record("l2", 0, 0.5, 0.55, 0.75, True)  # recorded before intervals existed: dashes, not zeros
     rows = report.aggregate([rec, old])
-    text = report.render(bm.Grid("hand", {}, ()), rows, "cmd")
+    text = report.render(bm.Grid("hand", {}, ()), rows, "cmd", records=[rec, old])
     cells = [line for line in content(text) if isinstance(line, list)]
+    assert ["open-class/softmax/d128", "BCT (MixBCT authors' variant: unscaled cosine logits, synthesised classifier)",
+            "-", "0", "+8.00 [+0.00, +0.00]", "+20.00 [+0.00, +0.00]", "–", "–"] in cells  # every cell on validation
     assert ["BCT (MixBCT authors' variant: unscaled cosine logits, synthesised classifier)", "+10.00 [+5.00, +15.00]",
             "0.0200", "0.0100", "0.7000", "0.7200", "yes", "-3.00 [-5.00, -1.00]", "+8.00", "+20.00", "–"] in cells
     assert ["l2", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–"] in cells

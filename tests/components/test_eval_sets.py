@@ -137,3 +137,26 @@ def test_bct_gets_the_old_heads_rows_only_for_classes_the_old_model_saw(tmp_path
             weight, names = z["weight"], z["identities"].tolist()
         for label in np.flatnonzero(known)[:5]:
             assert np.array_equal(rows[label], weight[names.index(new[label])])
+
+
+def test_a_map_on_top_of_mixbct_sits_on_the_mixbct_model_a_mixbct_cell_trains(tmp_path: Path, raw: Path) -> None:
+    """Shift study: method_args.base = mixbct fits the map on the very MixBCT model (same recipe, same checkpoint)."""
+    from components.embed import load_backbone
+    from components.preprocess import to_input
+    from components.stages import split_arrays
+
+    mixbct = {"method": "mixbct", "method_args": {"alpha": 0.5}}
+    paths, cfg = _run(tmp_path, raw, ("prepare", "legacy", "extract", "train"), train=mixbct)
+    trained = set((paths.root / "checkpoints").glob("new-*.pt"))
+    base, _ = load_backbone(paths.model_dir("new") / "model.pt")
+    on_top = cfg.train.model_copy(update={"method": "procrustes", "method_args": {
+        "base": "mixbct", "base_args": {"alpha": 0.5, "l2_weight": 0.0}}})  # fmt: skip
+    pipeline.run("train", cfg.model_copy(update={"train": on_top}), paths)
+    assert set((paths.root / "checkpoints").glob("new-*.pt")) == trained, "the MixBCT model was trained again"
+    model, meta = load_backbone(paths.model_dir("new") / "model.pt")
+    assert meta["arch"] == "procrustes"
+    images, _ = split_arrays(paths, "gallery")
+    with torch.inference_mode():
+        x = to_input(torch.from_numpy(images[:8]))
+        mapped = torch.nn.functional.normalize(torch.nn.functional.normalize(base(x), dim=1) @ model.R, dim=1)
+        assert torch.allclose(model(x), mapped, atol=1e-5)

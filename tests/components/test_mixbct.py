@@ -101,3 +101,22 @@ def test_paragon_is_plain_arcface() -> None:
     paragon = build_method("none", embedding_dim=4, num_classes=3)
     expected = reference_arcface(f.numpy(), paragon.head.weight.detach().numpy(), y.numpy(), 64.0, 0.5)
     assert abs(paragon(f, y)["loss"].item() - expected) < 1e-4 * max(1.0, expected)
+
+
+def test_l2_weight_zero_is_mixbct_exactly_and_a_weight_adds_the_l2_term() -> None:
+    """The shift study's "L2 + MixBCT": l2_weight 0 leaves MixBCT untouched; w > 0 adds w · mean ‖norm old − norm new‖."""
+    from components.losses import build_method
+    from components.losses.l2 import feature_distance
+
+    torch.manual_seed(0)
+    new, old = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+    labels, credible = torch.randint(0, 5, (16,)), torch.ones(16, dtype=torch.bool)
+    plain = build_method("mixbct", embedding_dim=8, num_classes=5, args={"alpha": 0.5})
+    zero = build_method("mixbct", embedding_dim=8, num_classes=5, args={"alpha": 0.5, "l2_weight": 0.0})
+    ten = build_method("mixbct", embedding_dim=8, num_classes=5, args={"alpha": 0.5, "l2_weight": 10.0})
+    for m in (zero, ten):
+        m.load_state_dict(plain.state_dict())
+    a, b, c = (m(new, labels, old, credible) for m in (plain, zero, ten))
+    assert torch.equal(a["loss"], b["loss"]) and "l2" not in b
+    assert torch.allclose(c["loss"], c["cls"] + 10.0 * feature_distance(new, old).mean())
+    assert torch.equal(c["cls"], a["cls"])
