@@ -37,7 +37,8 @@ from components.paths import Paths
 
 # Overrides that make a cell an ablation of the method rather than another setting.
 ABLATION_KEYS = ("train.method_args.alpha", "train.method_args.weight_scale", "extract.credible_keep",
-                 "train.method_args.l2_weight", "train.method_args.base", "train.augment")  # fmt: skip
+                 "train.method_args.l2_weight", "train.method_args.base", "train.augment",
+                 "train.method_args.skip_replaced")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- grid

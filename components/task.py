@@ -50,8 +50,16 @@ class CompatibleTask(TrainingTask):
         self.method = method
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        new = self.backbone(batch.x)  # [b, d]
-        return self.method(new, batch.labels, batch.old, batch.credible)
+        skip = self.method.replaced_rows(batch.credible)
+        if skip is None:
+            new = self.backbone(batch.x)  # [b, d]
+            return self.method(new, batch.labels, batch.old, batch.credible)
+        # the backbone runs on the kept rows only; the skipped rows are placeholders the method replaces
+        keep = torch.ones(len(batch.labels), dtype=torch.bool)
+        keep[skip] = False
+        kept = self.backbone(batch.x[keep])  # [b - k, d]
+        new = kept.new_zeros(len(keep), kept.shape[1]).index_put((torch.nonzero(keep).flatten(),), kept)
+        return self.method(new, batch.labels, batch.old, batch.credible, rows=skip)
 
     def prepare(self, old: Any, labels: torch.Tensor) -> None:
         if type(self.method).prepare is CompatibilityMethod.prepare:

@@ -54,6 +54,11 @@ class CompatibilityMethod(nn.Module):
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def replaced_rows(self, credible: torch.Tensor | None) -> torch.Tensor | None:
+        """Rows of the coming batch whose backbone output this method will not read (the task then skips them and
+        passes them to forward as `rows`); None: every row is read."""
+        return None
+
     def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
         """Called once before training with the whole training set: old features [N, d] (or None), labels [N].
 

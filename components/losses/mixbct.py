@@ -29,6 +29,10 @@ class MixBCTArgs(MethodArgs):
     # Not in the paper, for the shift study only: + l2_weight · mean ‖norm(old_i) − norm(new_i)‖₂ over the batch's
     # own (unmixed) features, the L2 baseline's term (its weight there is 10). 0 = MixBCT exactly.
     l2_weight: float = Field(0.0, ge=0)
+    # Run the backbone only on the rows MixBCT keeps (issue "Past one process", item 5): the replaced rows' features
+    # are the old ones either way, so their forward and backward are wasted work (the authors' code does it too).
+    # The same rows are drawn; BatchNorm then sees b − floor(α·b) rows per step, which can change the result.
+    skip_replaced: bool = False
 
 
 def choose_rows(credible: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -67,15 +71,29 @@ class MixBCT(CompatibilityMethod):
         self.head = ArcFaceHead(embedding_dim, num_classes, s=s, m=m)
         self.alpha = args.alpha
         self.l2_weight = args.l2_weight
+        self.skip_replaced = args.skip_replaced
         # The authors' code leaves the subset unseeded; a seeded generator makes runs (and resumes) exact.
         self.generator = torch.Generator().manual_seed(seed)
 
-    def forward(self, new, labels, old=None, credible=None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def replaced_rows(self, credible: torch.Tensor | None) -> torch.Tensor | None:
+        """With skip_replaced, this step's replaced rows, drawn now (forward then gets them back as `rows`)."""
+        if not self.skip_replaced:
+            return None
+        if credible is None:
+            raise ValueError("MixBCT needs the credible mask of the batch")
+        return choose_rows(credible, self.alpha, self.generator)
+
+    def forward(self, new, labels, old=None, credible=None, rows=None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """`rows`: the replaced rows when `replaced_rows` drew them (the backbone then skipped them: their rows of
+        `new` are placeholders); otherwise they are drawn here."""
         if old is None or credible is None:
             raise ValueError("MixBCT needs the old features and the credible mask of the batch")
         if old.shape != new.shape:
             raise ValueError(f"old features {tuple(old.shape)} and new features {tuple(new.shape)} differ in shape")
-        rows = choose_rows(credible, self.alpha, self.generator)
+        if rows is None:
+            rows = choose_rows(credible, self.alpha, self.generator)
+        elif self.l2_weight > 0:
+            raise ValueError("MixBCT: l2_weight reads every row's new feature; it cannot skip the replaced rows")
         mixed = mix_features(new, old, rows)  # [b, d]
         loss = self.head(mixed, labels)
         out = {"loss": loss, "cls": loss.detach(), "mixed_rows": torch.tensor(float(rows.numel()))}

@@ -37,7 +37,7 @@ def test_expansion_is_the_union_of_block_cross_products(tmp_path: Path) -> None:
 
 
 def test_named_grids_are_valid_and_unknown_names_fail() -> None:
-    for name in ("quick", "full", "select-default", "shift-study"):
+    for name in ("quick", "full", "select-default", "shift-study", "skip-replaced"):
         grid = bm.load_grid(name, ROOT / "benchmarks/grid.yaml")
         plans = bm.plan(grid, ROOT / "params.yaml", "/nonexistent")  # every override validates
         assert len({p.keys["new"] for p in plans}) == len(plans)

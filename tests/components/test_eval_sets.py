@@ -150,7 +150,7 @@ def test_a_map_on_top_of_mixbct_sits_on_the_mixbct_model_a_mixbct_cell_trains(tm
     trained = set((paths.root / "checkpoints").glob("new-*.pt"))
     base, _ = load_backbone(paths.model_dir("new") / "model.pt")
     on_top = cfg.train.model_copy(update={"method": "procrustes", "method_args": {
-        "base": "mixbct", "base_args": {"alpha": 0.5, "l2_weight": 0.0}}})  # fmt: skip
+        "base": "mixbct", "base_args": cfg.train.method_args}})  # MixBCT's resolved arguments, as validation gives
     pipeline.run("train", cfg.model_copy(update={"train": on_top}), paths)
     assert set((paths.root / "checkpoints").glob("new-*.pt")) == trained, "the MixBCT model was trained again"
     model, meta = load_backbone(paths.model_dir("new") / "model.pt")

@@ -39,7 +39,7 @@ _NCCL = {"queue_size": 8192, "feature_weight": 1.0, "logit_weight": 0.01}
 _LCE = {"boundary_weight": 1.0, "align_weight": 100.0}
 DEFAULTS = {
     "none": {},  # "Paragon: L_cls alone"
-    "mixbct": {"alpha": 0.3, "l2_weight": 0.0},  # "choose floor(α·b) at random (α = 0.3; 38 of 128)"; no L2 term (shift study only)
+    "mixbct": {"alpha": 0.3, "l2_weight": 0.0, "skip_replaced": False},  # "choose floor(α·b) at random (α = 0.3; 38 of 128)"; no L2 term (shift study only)
     "l2": {"weight": 10.0},  # "L2: L_cls + 10 · mean ‖norm(old_i) − norm(new_i)‖₂"
     "weakened_l2": {"weight": 10.0, "margin": 0.2},  # "L_cls + 10 · mean max(0, ‖…‖₂ − 0.2)"
     # "L_cls + λ · L_inf … CE(s · ⟨norm(new_i), P_k⟩, y_i) with s = the L_cls scale (64) and λ = 1": s is not an
@@ -250,11 +250,11 @@ def test_a_new_method_is_one_file_plus_one_line_and_trains(toy: str, tmp_path: P
 
 def test_per_method_args_apply_to_the_selected_method_and_flat_keys_override() -> None:
     params = {"train.method_args": {"mixbct": {"alpha": 0.5}, "lce": {"weight_scale": 16.0}}}
-    assert load_config(None, params).train.method_args == {"alpha": 0.5, "l2_weight": 0.0}
+    assert load_config(None, params).train.method_args == {"alpha": 0.5, "l2_weight": 0.0, "skip_replaced": False}
     assert load_config(None, {**params, "train.method": "lce"}).train.method_args["weight_scale"] == 16.0
     assert load_config(None, {**params, "train.method": "l2"}).train.method_args == {"weight": 10.0}  # no alpha
     flat = load_config(None, {**params, "train.method_args.alpha": 0.7})
-    assert flat.train.method_args == {"alpha": 0.7, "l2_weight": 0.0}
+    assert flat.train.method_args == {"alpha": 0.7, "l2_weight": 0.0, "skip_replaced": False}
     with pytest.raises(ConfigError, match="mixbct.alfa"):  # every method's entry is checked, selected or not
         load_config(None, {"train.method": "l2", "train.method_args": {"mixbct": {"alfa": 0.5}}})
     with pytest.raises(ConfigError, match="train.method_args.alpha: unknown key"):

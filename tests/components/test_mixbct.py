@@ -120,3 +120,41 @@ def test_l2_weight_zero_is_mixbct_exactly_and_a_weight_adds_the_l2_term() -> Non
     assert torch.equal(a["loss"], b["loss"]) and "l2" not in b
     assert torch.allclose(c["loss"], c["cls"] + 10.0 * feature_distance(new, old).mean())
     assert torch.equal(c["cls"], a["cls"])
+
+
+def test_skip_replaced_runs_the_backbone_on_kept_rows_only_and_changes_nothing_else() -> None:
+    """Without BatchNorm a row's feature does not depend on the others: skipping the replaced rows then gives the
+    same loss and the same gradients, from a backbone that saw b − floor(α·b) rows."""
+    from components.task import Batch, CompatibleTask
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 8)
+            self.rows_seen: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rows_seen.append(len(x))
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    x, old = torch.randn(20, 1, 3, 4), torch.randn(20, 8)
+    labels, credible = torch.randint(0, 5, (20,)), torch.rand(20) < 0.8
+    tasks = []
+    for skip in (False, True):
+        torch.manual_seed(1)
+        backbone = Linear()
+        method = build_method("mixbct", embedding_dim=8, num_classes=5, args={"alpha": 0.5, "skip_replaced": skip})
+        tasks.append(CompatibleTask(backbone, method))
+    tasks[1].load_state_dict(tasks[0].state_dict())
+    outs = []
+    for task in tasks:
+        out = task(Batch(x=x, labels=labels, old=old, credible=credible))
+        out["loss"].backward()
+        outs.append(out)
+    assert torch.allclose(outs[0]["loss"], outs[1]["loss"], atol=1e-6) and outs[0]["mixed_rows"] == outs[1]["mixed_rows"] == 10
+    for a, b in zip(tasks[0].parameters(), tasks[1].parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert tasks[0].backbone.rows_seen == [20] and tasks[1].backbone.rows_seen == [10]
+    # the generators stay in step: the next batch draws the same rows in both
+    assert torch.equal(tasks[0].method.generator.get_state(), tasks[1].method.generator.get_state())
