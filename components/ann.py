@@ -24,6 +24,10 @@ EXACT = "Flat"
 TRAIN_ROWS = 262_144  # IVF/PQ training sample: 64 × 4,096 lists, faiss's recommended ≥ 39 points per centroid
 
 
+class GalleryTooSmall(ValueError):
+    """The index cannot be trained on so few gallery rows (IVF needs at least one per list)."""
+
+
 def is_exact(factory: str) -> bool:
     return factory.replace(" ", "") in ("Flat", "IDMap,Flat")
 
@@ -35,6 +39,10 @@ def build_index(
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     if xb.ndim != 2 or not len(xb):
         raise ValueError(f"the gallery must be a non-empty [n, d] array, got shape {xb.shape}")
+    if is_exact(factory) and not params:
+        index = faiss.IndexFlatIP(xb.shape[1])  # exact search, as every earlier run did it
+        index.add(xb)
+        return index
     try:
         index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:  # faiss raises RuntimeError with its C++ message
@@ -47,7 +55,7 @@ def build_index(
         try:
             index.train(sample)
         except RuntimeError as err:
-            raise ValueError(f"evaluate.index: {factory!r} cannot be trained on {len(sample):,} gallery rows "
+            raise GalleryTooSmall(f"evaluate.index: {factory!r} cannot be trained on {len(sample):,} gallery rows "
                              f"({_first_line(err)})") from None  # fmt: skip
     index.add(xb)
     if params:

@@ -277,6 +277,11 @@ class EvaluateConfig(Section):
     # Optional bound on the share of old/old-correct queries that new/old gets wrong at top-1 (negative flips).
     max_negative_flips: float | None = Field(None, ge=0, le=1)
     backfill_steps: int = Field(10, ge=2)  # partial-backfill curve at beta = 0, 1/steps, ..., 1
+    # The gallery index of every search (components/ann.py): a faiss index-factory string ("Flat" = exact;
+    # "IVF4096,Flat", "HNSW32", "IVF4096,PQ32", ...) and its search knobs ("nprobe=32", "efSearch=128"). An
+    # approximate index's recall@1 against exact search and both throughputs are reported beside the metrics.
+    index: str = "Flat"
+    index_params: str = ""
     # max |torch − onnxruntime| over L2-normalised embeddings an exported model may show (components.embed.onnx_parity):
     # the legacy stage's check and the registration gate
     onnx_tolerance: float = Field(1e-4, gt=0)

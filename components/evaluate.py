@@ -110,12 +110,31 @@ def _blocks(n: int, width: int) -> Iterator[slice]:
 # ------------------------------------------------------------------------------------------------ retrieval
 
 
+_INDEX: tuple[str, str] = ("Flat", "")  # evaluate.index, evaluate.index_params (components.ann)
+
+
+def set_index(factory: str = "Flat", params: str = "") -> None:
+    """The gallery index every retrieval metric searches from now on (the evaluate stage sets it from its config
+    and restores exact search after): a faiss index-factory string and its search parameters (components.ann)."""
+    global _INDEX
+    _INDEX = (factory, params)
+
+
+def current_index() -> tuple[str, str]:
+    return _INDEX
+
+
 def _build_index(xb: np.ndarray) -> faiss.Index:
-    """The gallery index (xb already L2-normalised: inner product = cosine). Exact flat search for now;
-    IVF/HNSW for large galleries would be chosen here, with recall measured on real embeddings."""
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(xb)
-    return index
+    """The gallery index (xb already L2-normalised: inner product = cosine): exact flat search unless
+    evaluate.index names an approximate one, whose recall the evaluate stage reports beside the metrics. A gallery
+    too small to train that index on (a few validation rows against IVF's lists) is searched exactly: with so few
+    rows exact search is the cheaper one anyway, and the test gallery, where the index is measured, must train."""
+    from components.ann import GalleryTooSmall, build_index
+
+    try:
+        return build_index(xb, *_INDEX)
+    except GalleryTooSmall:
+        return build_index(xb)
 
 
 def _map_depth(n_gallery: int, map_cutoff: int | None) -> int:

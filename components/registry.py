@@ -37,7 +37,8 @@ def _finite(v: Any) -> bool:
 def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """eval/metrics.json as MLflow metrics: every pair's metric of every evaluation set (the test set unprefixed,
     others as `shift.new/old.top1`), the bootstrap interval bounds (`ci.new/old - old/old.top1.lo`), negative flips
-    (`flips.old/old -> new/old.nf_share`), and each backfill curve's AUC and points (`backfill.random.auc.top1`)."""
+    (`flips.old/old -> new/old.nf_share`), each backfill curve's AUC and points (`backfill.random.auc.top1`), and
+    with an approximate evaluate.index its recall@1 against exact search and throughputs (`new/old.index.recall@1`)."""
     out: dict[str, float] = {}
     sets = {"": metrics, **{f"{name}.": record for name, record in (metrics.get("sets") or {}).items()}}
     for prefix, record in sets.items():
@@ -58,6 +59,8 @@ def evaluation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     for name, record in (metrics.get("face") or {}).items():  # .bin verification sets, the IJB-C-style protocol
         for pair, values in record.get("pairs", {}).items():
             out.update({f"face.{name}.{pair}.{m}": float(v) for m, v in values.items() if _finite(v)})
+    for pair, values in ((metrics.get("index") or {}).get("pairs") or {}).items():  # an approximate evaluate.index
+        out.update({f"{pair}.{m}": float(v) for m, v in values.items() if _finite(v)})  # new/old.index.recall@1
     return {metric_key(k): v for k, v in out.items()}
 
 

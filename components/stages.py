@@ -705,6 +705,49 @@ CROSS, SELF = ("new/old", "old/old"), ("new/new", "old/old")
 
 
 def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, Any]:
+    """The evaluate stage (`_evaluate_stage`) with every search through evaluate.index (exact search restored after)."""
+    from components.evaluate import set_index
+
+    set_index(cfg.index, cfg.index_params)
+    try:
+        return _evaluate_stage(cfg, paths, threads)
+    finally:
+        set_index()
+
+
+def _index_report(cfg: EvaluateConfig, features: dict[str, tuple[np.ndarray, np.ndarray]],
+                  pairs: list[tuple[str, str]]) -> dict[str, Any] | None:  # fmt: skip
+    """With an approximate evaluate.index: per test pair, its recall@1 against exact search on the same queries
+    and both throughputs (components.ann); None with exact search."""
+    from components.ann import build_index, compare_with_exact, is_exact
+
+    if is_exact(cfg.index) and not cfg.index_params:
+        return None
+    out: dict[str, Any] = {"factory": cfg.index, "params": cfg.index_params, "pairs": {}}
+    for q, g in pairs:
+        xq, xb = (_unit_rows(a) for a in (features[q][0], features[g][1]))
+        report = compare_with_exact(build_index(xb, cfg.index, cfg.index_params), xq, xb, cfg.index, cfg.index_params)
+        out["pairs"][f"{q}/{g}"] = report.as_metrics()
+    return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _index_markdown(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return ""
+    lines = [f"### Search index: `{report['factory']}` {report['params']}".rstrip(), "",
+             "Every metric above searched this approximate index. Against exact search on the same test queries:", "",
+             "| pair | recall@1 vs exact | queries/s | exact queries/s |", "|---|---:|---:|---:|"]  # fmt: skip
+    for pair, m in report["pairs"].items():
+        lines.append(f"| {pair} | {m['index.recall@1']:.4f} | {m['index.qps']:,.0f} | {m['exact.qps']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _evaluate_stage(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, Any]:
     """Cross-model tables over old/old, new/old, new/new (+ paragon rows) with paired-bootstrap intervals and
     negative flips, on the in-domain test set, the shifted sets and the validation set; the compatibility
     criterion (on the intervals by default); the partial-backfill curves of the test gallery.
@@ -746,6 +789,7 @@ def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, A
         features = {m: (feats(m, q_split), feats(m, g_split)) for m in models}
         if name == "test":
             _validate_new_gallery(paths, features["new"][1], int(counts["gallery"]))
+            index = _index_report(cfg, features, pairs)
         tables[name], results[name] = _evaluate_set(cfg, features, yq, yb, pairs, "paragon" in models)
     test = results["test"]
     verdict = _gate_extras(cfg, tables["test"][1], results)
@@ -761,10 +805,12 @@ def evaluate(cfg: EvaluateConfig, paths: Paths, threads: int = 2) -> dict[str, A
         write_json(out / "metrics.json", {
             "pairs": test["pairs"], "criterion": test["criterion"], "bootstrap": test["bootstrap"],
             "backfill": backfill, "sets": {k: v for k, v in results.items() if k != "test"}, "face": face,
+            **({"index": index} if index is not None else {}),
         })  # fmt: skip
         from components.face_eval import markdown as face_markdown
 
-        write_text(out / "table.md", _report_markdown(tables, verdict, curves) + "\n" + face_markdown(face))
+        write_text(out / "table.md", _report_markdown(tables, verdict, curves) + "\n" + face_markdown(face)
+                   + ("\n" + _index_markdown(index) if index is not None else ""))  # fmt: skip
         write_json(out / "backfill.json", backfill)
         for (q, g), roc in tables["test"][0].rocs.items():
             frame = pd.DataFrame({"fpr": roc["fpr"], "tpr": roc["tpr"]})

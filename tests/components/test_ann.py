@@ -60,3 +60,19 @@ def test_bad_factory_strings_and_params_are_refused_naming_the_setting() -> None
         build_index(xb, "IVF4096,Flat")
     with pytest.raises(ValueError, match=r"evaluate.index_params: 'nprobe=4' does not apply to 'HNSW8'"):
         build_index(xb, "HNSW8", "nprobe=4")
+
+
+def test_a_gallery_too_small_for_the_index_is_searched_exactly_by_the_evaluation() -> None:
+    from components.ann import GalleryTooSmall
+    from components.evaluate import retrieval_metrics, set_index
+
+    xb, xq = _clustered(30, 8, 30, 7), _clustered(60, 8, 30, 8)
+    yb, yq = np.arange(30), np.arange(60) % 30
+    with pytest.raises(GalleryTooSmall):
+        build_index(xb, "IVF64,Flat")
+    exact = retrieval_metrics(xq, yq, xb, yb)
+    set_index("IVF64,Flat", "nprobe=1")
+    try:
+        assert retrieval_metrics(xq, yq, xb, yb) == exact
+    finally:
+        set_index()

@@ -98,6 +98,24 @@ def test_evaluate_reports_every_set_with_intervals_flips_and_backfill(tmp_path: 
     for heading in ("## shift:", "## shift_query:", "## validation:", "## validation_shift:", "Partial backfill",
                     "Negative flips"):
         assert heading in table
+    assert "index" not in metrics and "Search index" not in table  # exact search: nothing to report
+
+    # The same models searched through an approximate index: every metric comes from it, its recall is reported.
+    from components.evaluate import current_index
+    from components.registry import evaluation_metrics
+
+    from conftest import tiny_params
+
+    cfg = load_config(tiny_params(tmp_path, data={"root": str(raw)}, train={"method": "slerp", "paragon": False},
+                                  evaluate={"index": "IVF4,Flat", "index_params": "nprobe=1"}))  # fmt: skip
+    pipeline.run("evaluate", cfg, paths)
+    assert current_index() == ("Flat", "")  # restored after the stage
+    ivf = json.loads((paths.eval / "metrics.json").read_text())
+    assert ivf["index"]["factory"] == "IVF4,Flat" and set(ivf["index"]["pairs"]) == {"old/old", "new/old", "new/new"}
+    recalls = [p["index.recall@1"] for p in ivf["index"]["pairs"].values()]
+    assert all(0 < r <= 1 for r in recalls) and min(recalls) < 1  # one list of 4 probed: some misses
+    assert "### Search index: `IVF4,Flat` nprobe=1" in (paths.eval / "table.md").read_text()
+    assert "new/old.index.recall_1" in evaluation_metrics(ivf)
     assert (paths.eval / "backfill.png").read_bytes()[:4] == b"\x89PNG"
 
 
