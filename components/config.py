@@ -321,6 +321,13 @@ class RuntimeConfig(Section):
     # stage's own process) for stored images (data.store: array: a batch is one read), runtime.workers when every
     # read decodes from the raw files (data.store: source).
     loader_workers: int | None = Field(None, ge=0)
+    # Where training runs (components/device.py): auto = CUDA when torch sees a GPU, else the CPU; precision auto =
+    # bf16 autocast on a GPU (fp16 + loss scaling where bf16 is missing), fp32 on the CPU; channels_last null = on
+    # for CUDA. Weights and checkpoints stay fp32, so a run resumes on another device. ONNX export and parity run on
+    # the CPU whatever the device.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = None
 
 
 class Config(Section):

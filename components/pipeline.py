@@ -124,8 +124,10 @@ def run(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     """Run one stage (threads set from `runtime`): the only caller of the stage functions."""
     _stages().set_threads(cfg.runtime.threads)
     from components.data.store import set_loader_workers
+    from components.device import place, set_placement
 
     set_loader_workers(cfg.runtime.loader_workers, cfg.runtime.workers)
+    set_placement(place(cfg.runtime.device, cfg.runtime.precision, cfg.runtime.channels_last))
     return stage(name).run(cfg, paths)
 
 

@@ -71,7 +71,8 @@ class CompatibleTask(TrainingTask):
             was_training = self.backbone.training
             self.backbone.eval()
             with torch.no_grad():
-                out = torch.cat([self.backbone(x) for x in batches(images, preprocess, chunks(len(images), 512))])
+                device = next(self.backbone.parameters()).device  # the images come from the CPU
+                out = torch.cat([self.backbone(x.to(device)) for x in batches(images, preprocess, chunks(len(images), 512))])
             self.backbone.train(was_training)
             return out  # [N, d]
 

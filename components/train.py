@@ -20,6 +20,7 @@ from torch import nn
 
 from components.augment import AUGMENTS, style_jitter
 from components.data.store import Rows, batches
+from components.device import Placement, current_placement
 from components.io import atomic_path
 from components.preprocess import Preprocess, default_preprocess
 from components.task import Batch, TrainingTask
@@ -70,12 +71,16 @@ def fit(
     checkpoint: Path,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    placement: Placement | None = None,
 ) -> list[dict[str, Any]]:
     """Train `task` for cfg.epochs, resuming from `checkpoint` if it exists; returns the per-epoch history.
 
     `backbone` is the part of `task` whose gradient norm is clipped (method.md). `progress(step, total)` is
-    called after every step.
+    called after every step. `placement` (default: the process's, from runtime.*; components/device.py) says on
+    which device and in which precision; the task comes back on the CPU, in fp32, in its usual memory format.
     """
+    pl = placement if placement is not None else current_placement()
+    pl.module(task)
     images = data.images
     preprocess = data.preprocess if data.preprocess is not None else default_preprocess(int(images.shape[1]))
     labels = torch.from_numpy(data.labels.astype(np.int64))
@@ -97,6 +102,7 @@ def fit(
         start_epoch = int(state["epoch"])
         history = [dict(h) for h in state["history"]]
         log.info("resuming from %s: %d of %d epochs done", checkpoint, start_epoch, cfg.epochs)
+    scaler = pl.scaler()  # fp16 only; a pass-through otherwise
     flip_gen = torch.Generator().manual_seed(cfg.seed + 7)
     augment_gen = torch.Generator()
     if cfg.augment not in AUGMENTS:
@@ -123,19 +129,23 @@ def fit(
             if cfg.augment == "style":
                 x = style_jitter(x, augment_gen, preprocess.layout)
             batch = Batch(
-                x=x,
-                labels=labels[idx],
-                old=torch.from_numpy(np.asarray(old_rows[idx.numpy()], dtype=np.float32)) if old_rows is not None else None,
-                credible=credible[idx] if credible is not None else None,
-            )
-            out = task(batch)
+                x=pl.inputs(x),
+                labels=labels[idx].to(pl.device),
+                old=torch.from_numpy(np.asarray(old_rows[idx.numpy()], dtype=np.float32)).to(pl.device)
+                if old_rows is not None else None,
+                credible=credible[idx].to(pl.device) if credible is not None else None,
+            )  # fmt: skip
+            with pl.autocast():
+                out = task(batch)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             if progress is not None:
@@ -150,4 +160,5 @@ def fit(
             )
         if on_epoch is not None:
             on_epoch(record)
+    task.to("cpu", memory_format=torch.contiguous_format)  # export, parity and saving run on the CPU
     return history
