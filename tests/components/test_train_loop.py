@@ -12,17 +12,9 @@ from components.embed import load_backbone, save_backbone
 from components.losses import build_method
 from components.models import build_backbone
 from components.task import CompatibleTask
-from components.train import LoopConfig, TrainArrays, fit, poly_lr
+from components.train import LoopConfig, fit, poly_lr
 
-
-def _arrays(n: int = 96, classes: int = 4, d: int = 8) -> TrainArrays:
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), n // classes)
-    images = rng.integers(0, 40, size=(n, 16, 16), dtype=np.uint8)
-    for c in range(classes):  # a bright square per class: learnable
-        images[labels == c, 4 * c : 4 * c + 4, 2:14] = 250
-    old = rng.standard_normal((n, d)).astype(np.float32) + labels[:, None]
-    return TrainArrays(images, labels, old, np.ones(n, dtype=bool))
+from train_kit import toy_arrays
 
 
 def _task(method: str = "mixbct", d: int = 8) -> tuple[CompatibleTask, torch.nn.Module]:
@@ -41,12 +33,12 @@ def test_poly_schedule_is_quadratic() -> None:
 
 def test_loss_decreases_and_every_parameter_gets_gradient(tmp_path: Path) -> None:
     task, backbone = _task()
-    history = fit(task, backbone, _arrays(), LoopConfig(epochs=4, batch_size=16, lr=0.05), tmp_path / "ck.pt")
+    history = fit(task, backbone, toy_arrays(), LoopConfig(epochs=4, batch_size=16, lr=0.05), tmp_path / "ck.pt")
     assert history[-1]["loss"] < history[0]["loss"]
     assert all(np.isfinite(h["loss"]) for h in history)
     # one more backward on a fresh batch: every trainable tensor of backbone and head receives gradient
     task.zero_grad()
-    data = _arrays()
+    data = toy_arrays()
     from components.task import Batch
     from components.preprocess import to_input
 
@@ -60,7 +52,7 @@ def test_loss_decreases_and_every_parameter_gets_gradient(tmp_path: Path) -> Non
 def test_resume_reaches_the_same_state(tmp_path: Path) -> None:
     cfg = LoopConfig(epochs=3, batch_size=16, lr=0.05, seed=1)
     full, fb = _task()
-    fit(full, fb, _arrays(), cfg, tmp_path / "full.pt")
+    fit(full, fb, toy_arrays(), cfg, tmp_path / "full.pt")
     # stop after 1 epoch, then resume from that checkpoint with freshly built objects
     interrupted, ib = _task()
     ck = tmp_path / "interrupted.pt"
@@ -74,12 +66,12 @@ def test_resume_reaches_the_same_state(tmp_path: Path) -> None:
             raise Stop
 
     try:
-        fit(interrupted, ib, _arrays(), cfg, ck, on_epoch=stop_after_first)
+        fit(interrupted, ib, toy_arrays(), cfg, ck, on_epoch=stop_after_first)
     except Stop:
         pass
     assert torch.load(ck, weights_only=True)["epoch"] == 1
     resumed, rb = _task()
-    train_mod.fit(resumed, rb, _arrays(), cfg, ck)
+    train_mod.fit(resumed, rb, toy_arrays(), cfg, ck)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             assert torch.allclose(a, b, atol=1e-6), name

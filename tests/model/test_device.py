@@ -15,17 +15,9 @@ from components.errors import ConfigError
 from components.losses import build_method
 from components.models import build_backbone
 from components.task import CompatibleTask
-from components.train import LoopConfig, TrainArrays, fit
+from components.train import LoopConfig, fit
 
-
-def _arrays(n: int = 96, classes: int = 4, d: int = 8) -> TrainArrays:
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), n // classes)
-    images = rng.integers(0, 40, size=(n, 16, 16), dtype=np.uint8)
-    for c in range(classes):  # a bright bar per class: learnable
-        images[labels == c, 4 * c : 4 * c + 4, 2:14] = 250
-    old = rng.standard_normal((n, d)).astype(np.float32) + labels[:, None]
-    return TrainArrays(images, labels, old, np.ones(n, dtype=bool))
+from train_kit import toy_arrays
 
 
 def _task(d: int = 8) -> tuple[CompatibleTask, torch.nn.Module]:
@@ -60,12 +52,12 @@ def test_bf16_autocast_trains_and_its_checkpoint_resumes_in_fp32(tmp_path: Path)
             raise Stop
 
     with pytest.raises(Stop):
-        fit(task, backbone, _arrays(), cfg, tmp_path / "ck.pt", on_epoch=stop, placement=place("cpu", "bf16"))
+        fit(task, backbone, toy_arrays(), cfg, tmp_path / "ck.pt", on_epoch=stop, placement=place("cpu", "bf16"))
     state = torch.load(tmp_path / "ck.pt", weights_only=True)
     floats = [t for t in state["task"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     assert floats and all(t.dtype == torch.float32 for t in floats)  # weights stay fp32 under autocast
     resumed, rb = _task()
-    history = fit(resumed, rb, _arrays(), cfg, tmp_path / "ck.pt", placement=place("cpu", "fp32"))
+    history = fit(resumed, rb, toy_arrays(), cfg, tmp_path / "ck.pt", placement=place("cpu", "fp32"))
     assert [h["epoch"] for h in history] == [1, 2, 3] and all(np.isfinite(h["loss"]) for h in history)
     assert history[-1]["loss"] < history[0]["loss"]
 
@@ -75,7 +67,7 @@ def test_channels_last_gives_the_same_training_to_float_rounding(tmp_path: Path)
     runs = []
     for channels_last in (False, True):
         task, backbone = _task()
-        fit(task, backbone, _arrays(), cfg, tmp_path / f"ck{channels_last}.pt", placement=place("cpu", "fp32", channels_last))
+        fit(task, backbone, toy_arrays(), cfg, tmp_path / f"ck{channels_last}.pt", placement=place("cpu", "fp32", channels_last))
         runs.append(task)
     for (name, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values(), strict=True):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
