@@ -146,6 +146,7 @@ class ExtractConfig(Section):
 
     credible_keep: float = Field(0.9, gt=0, le=1)  # T: keep ratio per class, not a distance
     batch_size: int = Field(512, ge=1)
+    shard_rows: int = Field(65_536, ge=1)  # rows per Dask task when runtime.dask is set (rounded to whole batches)
 
 
 def all_methods() -> list[str]:
@@ -325,6 +326,11 @@ class RuntimeConfig(Section):
     # bf16 autocast on a GPU (fp16 + loss scaling where bf16 is missing), fp32 on the CPU; channels_last null = on
     # for CUDA. Weights and checkpoints stay fp32, so a run resumes on another device. ONNX export and parity run on
     # the CPU whatever the device.
+    # The Prefect flow's old-feature extraction on a Dask cluster (flows/extract.py): null = in the flow's own process;
+    # "local" = a local cluster of dask_workers single-threaded processes; or a scheduler address (tcp://host:8786)
+    # whose workers see the work folder at the same path. `dvc repro` always extracts in its own process.
+    dask: str | None = None
+    dask_workers: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None

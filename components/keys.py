@@ -61,7 +61,8 @@ def shared(cfg: Config) -> dict[str, str]:
     d = cfg.as_dict()
     data = digest("data", d["data"])
     legacy = digest("legacy", data, d["legacy"], d["old"])
-    features = digest("features", legacy, d["extract"], cfg.train.embedding_dim)
+    extract = {k: v for k, v in d["extract"].items() if k != "shard_rows"}  # how it is split changes no value
+    features = digest("features", legacy, extract, cfg.train.embedding_dim)
     paragon = digest("paragon", data, train_recipe(cfg.train, "paragon"))
     new = digest("new", features, train_recipe(cfg.train, "new"))
     return {"data": data, "legacy": legacy, "features": features, "paragon": paragon, "new": new}

@@ -468,24 +468,91 @@ def validate_gallery(paths: Paths, embedding_dim: int, suite: str = "legacy_gall
 
 def extract_old(cfg: ExtractConfig, embedding_dim: int, image_size: int, paths: Paths, threads: int = 2) -> dict[str, Any]:
     """Old features of every new-training image (dataset order) and MixBCT's credible mask (T = keep)."""
-    from components.credible import credible_mask
-    from components.data.store import ArrayRows
-    from components.embed import check_compatible_dims, extract_to_file
+    from components.embed import extract_to_file
 
-    embedder = old_embedder(paths, threads=threads)
-    check_compatible_dims(embedder, embedding_dim, name=legacy_info(paths).get("source_model"))
-    validate_gallery(paths, embedding_dim)
+    embedder = extract_check(embedding_dim, paths, threads)
     images, labels = split_arrays(paths, "new_train")
     with atomic_dir(paths.old_features) as out:
         # written batch by batch and read back by rows: the features are never held whole (issue "streaming data")
         with bar(f"extract old features ({Path(embedder.source).name})", len(images)) as advance:
             finite = extract_to_file(embedder, images, out / "features.npy", batch_size=cfg.batch_size, progress=advance)
-        if not finite:
-            raise DataError(f"{embedder.source}: old model produced non-finite features on the new training set")
-        mask = credible_mask(ArrayRows(out / "features.npy"), labels, keep=cfg.credible_keep)
-        summary = {"rows": len(labels), "credible": int(mask.sum()), "credible_fraction": float(mask.mean())}
-        np.save(out / "credible.npy", mask)
-        write_json(out / "summary.json", summary)
+        return _finish_old_features(cfg, embedder.source, out, labels, finite)
+
+
+def extract_check(embedding_dim: int, paths: Paths, threads: int = 2) -> Embedder:
+    """The old model, checked against train.embedding_dim, and its legacy gallery's suite: before any extraction."""
+    from components.embed import check_compatible_dims
+
+    embedder = old_embedder(paths, threads=threads)
+    check_compatible_dims(embedder, embedding_dim, name=legacy_info(paths).get("source_model"))
+    validate_gallery(paths, embedding_dim)
+    return embedder
+
+
+def _finish_old_features(cfg: ExtractConfig, source: str, out: Path, labels: np.ndarray, finite: bool) -> dict[str, Any]:
+    from components.credible import credible_mask
+    from components.data.store import ArrayRows
+
+    if not finite:
+        raise DataError(f"{source}: old model produced non-finite features on the new training set")
+    mask = credible_mask(ArrayRows(out / "features.npy"), labels, keep=cfg.credible_keep)
+    summary = {"rows": len(labels), "credible": int(mask.sum()), "credible_fraction": float(mask.mean())}
+    np.save(out / "credible.npy", mask)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+# Extraction mapped over shards (flows/extract.py runs them on a Dask cluster through Prefect): each shard is a
+# whole number of batches, so every batch is the very one single-process extraction runs, and the assembled file
+# is the same to the last bit.
+
+
+def shards_dir(paths: Paths) -> Path:
+    return paths.root / "old_features.shards"
+
+
+def extract_shards(cfg: ExtractConfig, paths: Paths, shard_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of the new training set, `shard_rows` rounded down to whole batches (one at least)."""
+    rows = int(len(split_arrays(paths, "new_train")[1]))
+    step = max(cfg.batch_size, shard_rows // cfg.batch_size * cfg.batch_size)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def extract_shard(cfg: ExtractConfig, paths: Paths, start: int, stop: int, threads: int = 1) -> dict[str, Any]:
+    """Old features of rows [start, stop) of the new training set, written atomically to the shards folder."""
+    from components.embed import extract_to_file
+
+    set_threads(threads)
+    embedder = old_embedder(paths, threads=threads)
+    images, _ = split_arrays(paths, "new_train")
+    folder = shards_dir(paths)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{start:012d}-{stop:012d}.npy"
+    with atomic_path(path, suffix=".npy") as tmp:
+        finite = extract_to_file(embedder, images.subset(np.arange(start, stop)), tmp, batch_size=cfg.batch_size)
+    return {"start": start, "stop": stop, "path": str(path), "finite": finite, "source": str(embedder.source)}
+
+
+def extract_assemble(cfg: ExtractConfig, paths: Paths, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shards, in row order, into old_features/features.npy (block by block), then the credible mask; the
+    shards folder is removed once the result is in place."""
+    from components.data.store import ArrayRows, ArrayWriter
+
+    _, labels = split_arrays(paths, "new_train")
+    shards = sorted(shards, key=lambda sh: sh["start"])
+    covered = [(sh["start"], sh["stop"]) for sh in shards]
+    bounds = [0, *(b for _, b in covered)]
+    if [a for a, _ in covered] != bounds[:-1] or bounds[-1] != len(labels):
+        raise DataError(f"{shards_dir(paths)}: shards {covered} do not cover rows 0..{len(labels)} once each")
+    first = ArrayRows(shards[0]["path"])
+    with atomic_dir(paths.old_features) as out:
+        with ArrayWriter(out / "features.npy", (len(labels), first.shape[1]), np.float32) as writer:
+            for sh in shards:
+                rows = ArrayRows(sh["path"])
+                for a in range(0, len(rows), 65_536):
+                    writer.write_block(sh["start"] + a, rows[a : a + 65_536])
+        summary = _finish_old_features(cfg, shards[0]["source"], out, labels, all(sh["finite"] for sh in shards))
+    shutil.rmtree(shards_dir(paths), ignore_errors=True)
     return summary
 
 

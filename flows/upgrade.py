@@ -65,6 +65,11 @@ def upgrade(
                 if not stage.when(cfg):
                     continue
                 options = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_bad_input}
+                if stage.name == "extract" and cfg.runtime.dask:  # shards on a Dask cluster (flows/extract.py)
+                    from flows.extract import extract_on_dask
+
+                    out[stage.name] = extract_on_dask(cfg, paths)
+                    continue
                 out[stage.name] = task(pipeline.run, name=stage.name, **options)(stage.name, cfg, paths)
                 if stage.name == "evaluate":
                     table = (paths.eval / "table.md").read_text()

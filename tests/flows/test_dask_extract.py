@@ -1,0 +1,40 @@
+"""Old-feature extraction on a 2-worker local Dask cluster through Prefect's task runner: bit-identical to the
+single-process extract stage (issue "Past one process", item 3)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from components import pipeline
+from components.config import load_config
+from components.paths import Paths
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_shards_on_two_dask_workers_assemble_to_the_single_process_result(params_factory, tmp_path: Path) -> None:
+    from flows.extract import extract_on_dask
+
+    single = Paths(tmp_path / "single")
+    cfg = load_config(params_factory())
+    for name in ("prepare", "legacy", "extract"):
+        pipeline.run(name, cfg, single)
+    dask = Paths(tmp_path / "dask")
+    for folder in ("dataset", "legacy"):
+        shutil.copytree(single.root / folder, dask.root / folder)
+    # 7 rows per shard round up to one batch of 32: a shard per batch, on 2 single-threaded workers
+    cfg = load_config(params_factory(runtime={"dask": "local", "dask_workers": 2},
+                                     extract={"batch_size": 32, "shard_rows": 7}))  # fmt: skip
+    ref = load_config(params_factory(extract={"batch_size": 32}))
+    pipeline.run("extract", ref, single)  # the single-process reference at the same batch size
+    summary = extract_on_dask(cfg, dask)
+    for name in ("features.npy", "credible.npy", "summary.json"):
+        assert (dask.old_features / name).read_bytes() == (single.old_features / name).read_bytes(), name
+    from components.stages import extract_shards, split_arrays
+
+    rows = len(split_arrays(single, "new_train")[1])
+    assert summary["rows"] == rows and len(extract_shards(cfg.extract, single, 7)) == -(-rows // 32) > 2
+    assert not (dask.root / "old_features.shards").exists()
