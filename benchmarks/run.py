@@ -418,6 +418,7 @@ def bench_gallery(work: Path, threads: int, rows: int, keep: Path | None) -> Non
 
     from components.ann import GalleryTooSmall, build_index, compare_with_exact
     from components.embed import extract, load_embedder
+    from components.evaluate import _normalized
     from components.paths import Paths
     from components.stages import gallery_path, old_embedder, split_arrays
 
@@ -433,14 +434,14 @@ def bench_gallery(work: Path, threads: int, rows: int, keep: Path | None) -> Non
         images, yq = split_arrays(paths, "query")
         _, yg = split_arrays(paths, "gallery")
         old, new = old_embedder(paths, threads=threads), load_embedder(paths.model_dir("new") / "model.onnx", threads=threads)
-        q = {"old": _unit(extract(old, images)), "new": _unit(extract(new, images))}
-        gallery = _unit(np.load(gallery_path(paths)).astype(np.float32))
+        q = {"old": _normalized(extract(old, images), "queries"), "new": _normalized(extract(new, images), "queries")}
+        gallery = _normalized(np.load(gallery_path(paths)), "gallery")
         print(f"identification with distractors: {len(yq):,} queries, {len(yg):,} gallery identities + distractors "
               f"(old-model embeddings of training identities), exact search, {threads} threads:")
         print(f"  {'distractors':>12}  {'old/old top1':>12}  {'new/old top1':>12}")
         rows = min(rows, len(distractors))
         for n in [s for s in GALLERY_SIZES if s < rows] + [rows]:
-            xb = np.concatenate([gallery, _unit(np.asarray(distractors[:n], dtype=np.float32))])
+            xb = np.concatenate([gallery, _normalized(distractors[:n], "distractors")])
             yb = np.concatenate([yg, np.full(n, -1, dtype=yg.dtype)])
             print(f"  {n:>12,}  {_top1(q['old'], yq, xb, yb):12.4f}  {_top1(q['new'], yq, xb, yb):12.4f}")
         print(f"approximate search at {len(xb):,} rows x {xb.shape[1]}-d (new queries against the old gallery "
@@ -469,11 +470,6 @@ def bench_gallery(work: Path, threads: int, rows: int, keep: Path | None) -> Non
     finally:
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def main() -> None:

@@ -787,20 +787,16 @@ def _index_report(cfg: EvaluateConfig, features: dict[str, tuple[np.ndarray, np.
     """With an approximate evaluate.index: per test pair, its recall@1 against exact search on the same queries
     and both throughputs (components.ann); None with exact search."""
     from components.ann import build_index, compare_with_exact, is_exact
+    from components.evaluate import _normalized
 
     if is_exact(cfg.index) and not cfg.index_params:
         return None
     out: dict[str, Any] = {"factory": cfg.index, "params": cfg.index_params, "pairs": {}}
     for q, g in pairs:
-        xq, xb = (_unit_rows(a) for a in (features[q][0], features[g][1]))
+        xq, xb = _normalized(features[q][0], "queries"), _normalized(features[g][1], "gallery")  # as the metrics search
         report = compare_with_exact(build_index(xb, cfg.index, cfg.index_params), xq, xb, cfg.index, cfg.index_params)
         out["pairs"][f"{q}/{g}"] = report.as_metrics()
     return out
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _index_markdown(report: dict[str, Any] | None) -> str:
