@@ -334,6 +334,15 @@ class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
+    # Data-parallel training with torchrun (components/distributed.py): the train and paragon stages run their
+    # training on nproc_per_node processes of this machine (one GPU each on CUDA; on the CPU runtime.threads is
+    # shared between them); the global batch and schedule stay train.*. dist_backend auto = nccl on CUDA, gloo on
+    # the CPU. sync_batchnorm (CUDA only) normalises over the global batch. torchrun_args: extra torchrun options
+    # (e.g. ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "host:29400"] for several machines).
+    nproc_per_node: int = Field(1, ge=1)
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sync_batchnorm: bool = False
+    torchrun_args: list[str] = []
 
 
 class Config(Section):

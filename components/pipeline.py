@@ -128,6 +128,10 @@ def run(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
 
     set_loader_workers(cfg.runtime.loader_workers, cfg.runtime.workers)
     set_placement(place(cfg.runtime.device, cfg.runtime.precision, cfg.runtime.channels_last))
+    from components.distributed import Launch, set_launch
+
+    rt = cfg.runtime
+    set_launch(Launch(rt.nproc_per_node, rt.dist_backend, rt.sync_batchnorm, tuple(rt.torchrun_args)))
     return stage(name).run(cfg, paths)
 
 

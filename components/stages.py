@@ -600,6 +600,10 @@ def _fit_backbone(
     from components.data.store import ArrayRows
     from components.train import LoopConfig, TrainArrays, fit
 
+    from components import distributed
+
+    if distributed.should_launch():  # runtime.nproc_per_node > 1: torchrun trains, this process resumes the result
+        _launch_fit(cfg, image_size, paths, role, method_name)
     torch.manual_seed(cfg.seed)
     images, labels = split_arrays(paths, "new_train")
     n_classes = int(labels.max()) + 1
@@ -640,6 +644,23 @@ def _fit_backbone(
         )  # fmt: skip
     backbone.eval()
     return backbone, history, checkpoint
+
+
+def _launch_fit(cfg: TrainConfig, image_size: int, paths: Paths, role: str, method_name: str) -> None:
+    """Train `role`'s checkpoint on runtime.nproc_per_node processes (components/distributed.py)."""
+    from components import distributed
+    from components.device import current_placement
+
+    launch, pl = distributed.current_launch(), current_placement()
+    threads = max(1, torch.get_num_threads() // launch.nproc_per_node) if pl.device.type == "cpu" else torch.get_num_threads()
+    spec = {
+        "train": cfg.model_dump(mode="json"), "image_size": image_size, "root": str(paths.root.resolve()),
+        "role": role, "method": method_name, "checkpoint": str(paths.root / "checkpoints"),
+        "runtime": {"threads": threads, "device": pl.device.type, "precision": pl.precision,
+                    "channels_last": pl.channels_last, "backend": launch.backend,
+                    "sync_batchnorm": launch.sync_batchnorm},
+    }  # fmt: skip
+    distributed.launch_training(spec, paths.root / "checkpoints" / f"torchrun-{role}.json")
 
 
 def _old_classifier(paths: Paths, n_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:

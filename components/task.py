@@ -36,6 +36,9 @@ class TrainingTask(nn.Module):
         """Dataset-level state, once before training (a resumed checkpoint then overrides it). `old`: the old
         features [N, d] as an array or a lazy row view (components.data.store.ArrayRows), or None."""
 
+    def seed_step(self, seed: int) -> None:
+        """Distributed training only: reseed the task's own random draws for this step and rank."""
+
     def on_epoch_start(self, epoch: int, epochs: int, images: Any, preprocess: Preprocess) -> None:
         """Called before each epoch with the training images (uint8 [N, H, W(, 3)], an array or a lazy
         components.data.store.Rows) and the preprocess that feeds the backbone."""
@@ -55,11 +58,14 @@ class CompatibleTask(TrainingTask):
             new = self.backbone(batch.x)  # [b, d]
             return self.method(new, batch.labels, batch.old, batch.credible)
         # the backbone runs on the kept rows only; the skipped rows are placeholders the method replaces
-        keep = torch.ones(len(batch.labels), dtype=torch.bool)
+        keep = torch.ones(len(batch.labels), dtype=torch.bool, device=batch.x.device)
         keep[skip] = False
         kept = self.backbone(batch.x[keep])  # [b - k, d]
         new = kept.new_zeros(len(keep), kept.shape[1]).index_put((torch.nonzero(keep).flatten(),), kept)
         return self.method(new, batch.labels, batch.old, batch.credible, rows=skip)
+
+    def seed_step(self, seed: int) -> None:
+        self.method.seed_step(seed)
 
     def prepare(self, old: Any, labels: torch.Tensor) -> None:
         if type(self.method).prepare is CompatibilityMethod.prepare:

@@ -20,6 +20,7 @@ from torch import nn
 
 from components.augment import AUGMENTS, style_jitter
 from components.data.store import Rows, batches
+from components import distributed
 from components.device import Placement, current_placement
 from components.io import atomic_path
 from components.preprocess import Preprocess, default_preprocess
@@ -78,9 +79,14 @@ def fit(
     `backbone` is the part of `task` whose gradient norm is clipped (method.md). `progress(step, total)` is
     called after every step. `placement` (default: the process's, from runtime.*; components/device.py) says on
     which device and in which precision; the task comes back on the CPU, in fp32, in its usual memory format.
+
+    Inside a torchrun process group (components/distributed.py) each rank trains on its slice of every global
+    batch under DistributedDataParallel; rank 0 alone writes the checkpoint.
     """
     pl = placement if placement is not None else current_placement()
     pl.module(task)
+    rk = distributed.rank()
+    mine = distributed.local_slice(cfg.batch_size, rk)  # every row of the batch on one process
     images = data.images
     preprocess = data.preprocess if data.preprocess is not None else default_preprocess(int(images.shape[1]))
     labels = torch.from_numpy(data.labels.astype(np.int64))
@@ -107,13 +113,18 @@ def fit(
     augment_gen = torch.Generator()
     if cfg.augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {cfg.augment!r}")
+    model = task
+    if rk.world > 1 and start_epoch < cfg.epochs:
+        model = distributed.wrap(task, pl.device, distributed.current_launch().sync_batchnorm)
     for epoch in range(start_epoch, cfg.epochs):
         task.on_epoch_start(epoch, cfg.epochs, images, preprocess)
         task.train()
         flip_gen.manual_seed(cfg.seed * 7919 + epoch)
-        augment_gen.manual_seed(cfg.seed * 7927 + epoch)  # per epoch: a resumed run draws the same maps
+        # per epoch: a resumed run draws the same maps; per rank: the ranks' slices get maps of their own
+        augment_gen.manual_seed(cfg.seed * 7927 + epoch + 1_000_003 * rk.rank)
         order = _epoch_order(n, cfg.seed, epoch)
-        steps = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        global_steps = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        steps = [idx[mine] for idx in global_steps]
         inputs = batches(images, preprocess, (idx.numpy() for idx in steps), workers=data.workers)
         sums: dict[str, float] = {}
         tic = time.perf_counter()
@@ -122,8 +133,10 @@ def fit(
             lr = poly_lr(cfg.lr, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if rk.world > 1:
+                task.seed_step(distributed.step_seed(cfg.seed, step, rk.rank))
             if cfg.hflip:
-                flip = torch.rand(len(idx), generator=flip_gen) < 0.5
+                flip = (torch.rand(cfg.batch_size, generator=flip_gen) < 0.5)[mine]  # drawn for the global batch
                 width = -1 if preprocess.layout == "nchw" else -2
                 x = torch.where(flip[:, None, None, None], x.flip(width), x)
             if cfg.augment == "style":
@@ -136,7 +149,7 @@ def fit(
                 credible=credible[idx].to(pl.device) if credible is not None else None,
             )  # fmt: skip
             with pl.autocast():
-                out = task(batch)
+                out = model(batch)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}")
@@ -150,14 +163,19 @@ def fit(
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             if progress is not None:
                 progress(step + 1, total)
-        record = {k: v / steps_per_epoch for k, v in sums.items()}
+        record = distributed.average({k: v / steps_per_epoch for k, v in sums.items()}, pl.device)
         record.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - tic)
+        if rk.world > 1:  # how many processes trained it, and whether their weights agree (0.0: they do)
+            record.update(processes=rk.world, rank_spread=distributed.parameter_spread(task))
         history.append(record)
-        with atomic_path(checkpoint, suffix=".pt") as tmp:
-            torch.save(
-                {"task": task.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "history": history},
-                tmp,
-            )
+        if rk.main:
+            with atomic_path(checkpoint, suffix=".pt") as tmp:
+                torch.save(
+                    {"task": task.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "history": history},
+                    tmp,
+                )  # fmt: skip
+        distributed.barrier()  # no rank starts the next epoch before the checkpoint is whole
         if on_epoch is not None:
             on_epoch(record)
     task.to("cpu", memory_format=torch.contiguous_format)  # export, parity and saving run on the CPU

@@ -59,6 +59,10 @@ class CompatibilityMethod(nn.Module):
         passes them to forward as `rows`); None: every row is read."""
         return None
 
+    def seed_step(self, seed: int) -> None:
+        """Distributed training (components/distributed.py): reseed this method's random draws for the coming
+        step from a seed per (seed, step, rank). A method without random draws ignores it."""
+
     def prepare(self, old: torch.Tensor | None, labels: torch.Tensor) -> None:
         """Called once before training with the whole training set: old features [N, d] (or None), labels [N].
 

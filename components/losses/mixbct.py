@@ -102,6 +102,10 @@ class MixBCT(CompatibilityMethod):
             out["loss"], out["l2"] = loss + self.l2_weight * term, term.detach()
         return out
 
+    def seed_step(self, seed: int) -> None:
+        # torchrun: rows drawn per (seed, step, rank) (one process keeps the single stream above, as before)
+        self.generator.manual_seed(seed)
+
     # The generator's state travels in state_dict, so a resumed run draws the same subsets.
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
