@@ -444,6 +444,14 @@ def bench_gallery(work: Path, threads: int, rows: int, keep: Path | None) -> Non
             xb = np.concatenate([gallery, _normalized(distractors[:n], "distractors")])
             yb = np.concatenate([yg, np.full(n, -1, dtype=yg.dtype)])
             print(f"  {n:>12,}  {_top1(q['old'], yq, xb, yb):12.4f}  {_top1(q['new'], yq, xb, yb):12.4f}")
+        from components.evaluate import tar_name, verification_metrics, verification_pairs
+
+        tic = time.perf_counter()
+        tars = {m: verification_metrics(q[m], yq, xb, yb, fars=(1e-4, 1e-3))[0] for m in ("old", "new")}
+        print(f"verification at {len(xb):,} gallery rows ({time.perf_counter() - tic:.1f} s for both pairs): "
+              f"{verification_pairs(yq, yb)['text']}")
+        for f in (1e-4, 1e-3):
+            print(f"  TAR@FAR={f:g}: old/old {tars['old'][tar_name(f)]:.4f}, new/old {tars['new'][tar_name(f)]:.4f}")
         print(f"approximate search at {len(xb):,} rows x {xb.shape[1]}-d (new queries against the old gallery "
               f"+ distractors), recall@1 against exact search on the same {len(yq):,} queries:")
         print(f"  {'index':<14} {'search':<13} {'build s':>8} {'recall@1':>9} {'queries/s':>10} {'x exact':>8}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -206,31 +207,100 @@ def retrieval_metrics(
 # --------------------------------------------------------------------------------------------- verification
 
 
-def impostor_keep_rate(n_pairs: int, n_genuine: int, max_pairs: int) -> float:
-    """Share of impostor pairs kept (independent Bernoulli draws) so that about max_pairs pairs are scored, every
-    genuine pair included; 1 when all pairs fit. components.stats draws the same sample with it."""
-    if n_pairs <= max_pairs:
-        return 1.0
-    return min(1.0, max(max_pairs - n_genuine, 1) / max(n_pairs - n_genuine, 1))
+@dataclass(frozen=True)
+class PairSample:
+    """Verification pairs scored without the query × gallery matrix: every genuine pair and, per query, a seeded
+    uniform sample (with replacement) of `per_query` impostor pairs. What TAR@FAR is computed from when
+    n_q·n_g > max_pairs (a 4,000 × 10^6 evaluation would need 4·10^9 scores)."""
+
+    genuine: np.ndarray  # [G] float32 cosine
+    genuine_query: np.ndarray  # [G] int64 query row
+    impostor: np.ndarray  # [n_q · per_query] float32
+    impostor_query: np.ndarray  # [n_q · per_query] int64
+    impostor_row: np.ndarray  # [n_q · per_query] int64 gallery row
+    per_query: int  # impostor pairs drawn per query
+    impostor_total: int  # impostor pairs in the population (n_q·n_g − G)
+
+
+def verification_pairs(yq: np.ndarray, yb: np.ndarray, max_pairs: int = MAX_PAIRS) -> dict[str, Any]:
+    """How many pairs TAR@FAR rests on for these labels: every genuine pair and all impostor pairs, or (above
+    max_pairs) `sample_pairs`' sample of them. Stated next to the numbers (metrics.json, table.md when sampled)."""
+    yq, yb = np.asarray(yq).ravel(), np.asarray(yb).ravel()
+    genuine = int(_gallery_counts(yq, yb).sum())
+    total = len(yq) * len(yb) - genuine
+    sampled = len(yq) * len(yb) > max_pairs
+    per_query = impostors_per_query(len(yq), genuine, max_pairs) if sampled else None
+    impostor = per_query * len(yq) if per_query is not None else total
+    text = (f"TAR@FAR from all {genuine:,} genuine pairs and "
+            + (f"a seeded sample of {impostor:,} of the {total:,} impostor pairs ({per_query:,} per query)" if sampled
+               else f"all {total:,} impostor pairs"))  # fmt: skip
+    return {"genuine": genuine, "impostor": impostor, "impostor_total": total, "sampled": sampled,
+            "per_query": per_query, "text": text}  # fmt: skip
+
+
+def impostors_per_query(n_q: int, n_genuine: int, max_pairs: int) -> int:
+    """Impostor draws per query so that about max_pairs pairs are scored in all, every genuine pair included."""
+    return max(1, (max_pairs - n_genuine) // max(n_q, 1))
+
+
+def _dots(xq: np.ndarray, xb: np.ndarray, q: np.ndarray, g: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
+    """xq[q[i]] · xb[g[i]] for every i, in chunks (a gather of `chunk` gallery rows at a time)."""
+    out = np.empty(len(q), dtype=np.float32)
+    for start in range(0, len(q), chunk):
+        gi = g[start : start + chunk]
+        perm = np.argsort(gi, kind="stable")  # read a memory-mapped gallery in ascending row order
+        rows = np.empty((len(gi), xb.shape[1]), dtype=np.float32)
+        rows[perm] = xb[gi[perm]]
+        out[start : start + len(gi)] = np.einsum("ij,ij->i", xq[q[start : start + chunk]], rows)
+    return out
+
+
+def sample_pairs(
+    xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray, max_pairs: int, seed: int
+) -> PairSample:
+    """Every genuine pair (gallery rows grouped by identity) and, for each query in turn, `impostors_per_query`
+    gallery rows drawn uniformly with replacement from ``default_rng(seed)``, a draw of the query's own identity
+    drawn again. Cost: O((G + max_pairs)·d), never O(n_q·n_g)."""
+    n_q, n_g = len(xq), len(xb)
+    order = np.argsort(yb, kind="stable")
+    ids = yb[order]
+    lo, hi = np.searchsorted(ids, yq, side="left"), np.searchsorted(ids, yq, side="right")
+    counts = (hi - lo).astype(np.int64)
+    gen_q = np.repeat(np.arange(n_q, dtype=np.int64), counts)
+    offsets = np.arange(gen_q.size, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    gen_g = order[np.repeat(lo, counts) + offsets]
+    if np.any(counts == n_g):
+        raise ValueError("a query's identity fills the whole gallery: it has no impostor pair to sample")
+    k = impostors_per_query(n_q, int(counts.sum()), max_pairs)
+    rng = np.random.default_rng(seed)
+    imp_q = np.repeat(np.arange(n_q, dtype=np.int64), k)
+    imp_g = rng.integers(0, n_g, size=imp_q.size)
+    redraw = yb[imp_g] == yq[imp_q]
+    while redraw.any():  # uniform over each query's impostor rows
+        imp_g[redraw] = rng.integers(0, n_g, size=int(redraw.sum()))
+        redraw[redraw] = yb[imp_g[redraw]] == yq[imp_q[redraw]]
+    return PairSample(
+        genuine=_dots(xq, xb, gen_q, gen_g), genuine_query=gen_q,
+        impostor=_dots(xq, xb, imp_q, imp_g), impostor_query=imp_q, impostor_row=imp_g,
+        per_query=k, impostor_total=n_q * n_g - int(counts.sum()),
+    )  # fmt: skip
 
 
 def _pair_scores(
     xq: np.ndarray, yq: np.ndarray, xb: np.ndarray, yb: np.ndarray, max_pairs: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine scores of all genuine pairs and of all (or a seeded Bernoulli sample of) impostor pairs."""
+    """Cosine scores of all genuine pairs and of all (or, above max_pairs, a seeded sample of: `sample_pairs`)
+    impostor pairs."""
     n_pairs = len(xq) * len(xb)
-    n_genuine = int(_gallery_counts(yq, yb).sum())
-    keep = impostor_keep_rate(n_pairs, n_genuine, max_pairs)
-    rng = np.random.default_rng(seed)
+    if n_pairs > max_pairs:
+        sample = sample_pairs(xq, yq, xb, yb, max_pairs, seed)
+        return sample.genuine, sample.impostor
     genuine, impostor = [], []
-    for blk in _blocks(len(xq), len(xb)):
+    for blk in _blocks(len(xq), len(xb)):  # every pair
         s = xq[blk] @ xb.T  # [b, n_g] cosine
         same = yq[blk, None] == yb[None, :]  # [b, n_g]
         genuine.append(s[same])
-        if keep < 1.0:
-            impostor.append(s[~same & (rng.random(s.shape, dtype=np.float32) < keep)])
-        else:
-            impostor.append(s[~same])
+        impostor.append(s[~same])
     return np.concatenate(genuine), np.concatenate(impostor)
 
 
@@ -261,9 +331,10 @@ def verification_metrics(
     <= target, i.e. at the lowest threshold of sklearn's roc_curve that still meets the target. The ROC is
     downsampled to <= 500 real points, log-spaced in FPR, for plotting.
 
-    When n_q·n_g > max_pairs, every genuine pair is kept and impostor pairs are subsampled (independent
-    Bernoulli draws from ``default_rng(seed)``, to about max_pairs in all): TARs are then estimates, reproducible
-    for a given seed. A FAR is NaN when the impostor pairs used cannot resolve it (n_impostor·FAR < 1).
+    When n_q·n_g > max_pairs, every genuine pair is kept and impostor pairs are sampled without computing the
+    query × gallery matrix (`sample_pairs`: a seeded uniform draw per query, about max_pairs pairs in all): TARs
+    are then estimates, reproducible for a given seed; `verification_pairs` says how many pairs they rest on. A FAR is NaN
+    when the impostor pairs used cannot resolve it (n_impostor·FAR < 1).
     """
     xq, yq, xb, yb = _check_inputs(xq, yq, xb, yb)
     fars = tuple(float(f) for f in fars)

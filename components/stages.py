@@ -948,8 +948,11 @@ def _evaluate_set(
                  for side, d in (("cross", CROSS), ("self", SELF))}  # fmt: skip
     verdict = criterion(table, gate_metrics=cfg.gate_metrics, paragon="paragon" if paragon else None,
                         intervals=intervals, require=cfg.gate_on, level=cfg.confidence)  # fmt: skip
+    from components.evaluate import verification_pairs
+
     record = {"pairs": table.to_dict(), "criterion": verdict.to_dict(), "bootstrap": boot.to_dict(),
-              "queries": len(yq), "gallery": len(yb), "identities": int(len(np.unique(yq)))}  # fmt: skip
+              "queries": len(yq), "gallery": len(yb), "identities": int(len(np.unique(yq))),
+              "verification_pairs": verification_pairs(yq, yb)}  # fmt: skip
     return (table, verdict, boot), record
 
 

@@ -25,8 +25,10 @@ M = max(TAIL_MIN, ceil(tail_margin · max(fars) · N_imp)) impostor scores with 
 4·max(fars) of the impostor mass, and a resample would have to lose three quarters of that share before the tail
 could not reach its threshold; if one ever does, a ValueError says so rather than returning a wrong number). The
 impostor pairs behind N_imp are all of them when n_q·n_g <= evaluate.MAX_PAIRS (20M; the default 4,000 × 2,000 = 8M
-pairs are all kept, the tail is 320k scores = 2.5 MB per pair), else the very Bernoulli sample (~20M pairs) that
-``verification_metrics`` draws with the same seed. Scores are computed with evaluate's own normalisation and blocks.
+pairs are all kept, the tail is 320k scores = 2.5 MB per pair), else the very sample that ``verification_metrics``
+draws with the same seed (``evaluate.sample_pairs``: every genuine pair and max_pairs / n_q uniform impostor draws per
+query, scored one pair at a time, never the query × gallery matrix). Scores are computed with evaluate's own
+normalisation and blocks.
 
 Resolution: none is lost. The full-sample TAR equals ``verification_metrics``' value exactly (same float32 scores,
 same threshold rule; the tests assert equality, not closeness), and a resample's TAR equals ``verification_metrics``
@@ -72,7 +74,7 @@ from components.evaluate import (
     _gallery_counts,
     _json_float,
     _markdown_table,
-    impostor_keep_rate,
+    sample_pairs,
     per_query_retrieval,
     retrieval_metrics,
     tar_name,
@@ -134,37 +136,41 @@ def score_tail(
     n_q, n_g = len(xq), len(xb)
     n_pairs = n_q * n_g
     n_gen_total = int(_gallery_counts(yq, yb).sum())
-    n_imp_total = n_pairs - n_gen_total
-    # The same keep rate and the same draws, block by block, as evaluate._pair_scores.
-    keep = impostor_keep_rate(n_pairs, n_gen_total, max_pairs)
-    rng = np.random.default_rng(seed)
+    sampled = n_pairs > max_pairs
+    # Above max_pairs: the very sample evaluate.verification_metrics draws with the same seed (evaluate.sample_pairs)
+    sample = sample_pairs(xq, yq, xb, yb, max_pairs, seed) if sampled else None
+    n_imp_total = sample.impostor.size if sample is not None else n_pairs - n_gen_total
     # At least TAIL_MIN scores: with few identities one resample can hold several times the mean impostor mass of
     # the highest-scoring query rows, and keeping a small set whole costs nothing.
-    m = min(n_imp_total, max(tail_min, math.ceil(tail_margin * min(max(fars), 1.0) * keep * n_imp_total) + 1))
+    m = min(n_imp_total, max(tail_min, math.ceil(tail_margin * min(max(fars), 1.0) * n_imp_total) + 1))
 
-    n_impostor = np.zeros(n_q, dtype=np.int64)
-    n_genuine = np.zeros(n_q, dtype=np.int64)
-    gen_s, gen_q, imp_s, imp_q = [], [], [], []
-    for blk in _blocks(n_q, n_g):
-        s = xq[blk] @ xb.T  # [b, n_g] cosine
-        same = yq[blk, None] == yb[None, :]  # [b, n_g]
-        rows, _ = np.nonzero(same)
-        gen_s.append(s[same])
-        gen_q.append(rows + blk.start)
-        n_genuine[blk] = same.sum(axis=1)
-        imp = ~same
-        if keep < 1.0:
-            imp &= rng.random(s.shape, dtype=np.float32) < keep
-        n_impostor[blk] = imp.sum(axis=1)
-        scores = s[imp]
-        if scores.size > m:  # the global top m lies within the union of every block's top m
-            cut = np.partition(scores, scores.size - m)[scores.size - m]
-            imp &= s >= cut
-        rows, _ = np.nonzero(imp)
-        imp_s.append(s[imp])
-        imp_q.append(rows + blk.start)
-    genuine, impostor = np.concatenate(gen_s), np.concatenate(imp_s)
-    genuine_query, impostor_query = np.concatenate(gen_q), np.concatenate(imp_q)
+    if sample is not None:
+        genuine, genuine_query = sample.genuine, sample.genuine_query
+        impostor, impostor_query = sample.impostor, sample.impostor_query
+        n_genuine = np.bincount(genuine_query, minlength=n_q).astype(np.int64)
+        n_impostor = np.full(n_q, sample.per_query, dtype=np.int64)
+    else:
+        n_impostor = np.zeros(n_q, dtype=np.int64)
+        n_genuine = np.zeros(n_q, dtype=np.int64)
+        gen_s, gen_q, imp_s, imp_q = [], [], [], []
+        for blk in _blocks(n_q, n_g):
+            s = xq[blk] @ xb.T  # [b, n_g] cosine
+            same = yq[blk, None] == yb[None, :]  # [b, n_g]
+            rows, _ = np.nonzero(same)
+            gen_s.append(s[same])
+            gen_q.append(rows + blk.start)
+            n_genuine[blk] = same.sum(axis=1)
+            imp = ~same
+            n_impostor[blk] = imp.sum(axis=1)
+            scores = s[imp]
+            if scores.size > m:  # the global top m lies within the union of every block's top m
+                cut = np.partition(scores, scores.size - m)[scores.size - m]
+                imp &= s >= cut
+            rows, _ = np.nonzero(imp)
+            imp_s.append(s[imp])
+            imp_q.append(rows + blk.start)
+        genuine, impostor = np.concatenate(gen_s), np.concatenate(imp_s)
+        genuine_query, impostor_query = np.concatenate(gen_q), np.concatenate(imp_q)
     if genuine.size == 0:
         raise ValueError("no genuine pair: query and gallery share no identity")
     if impostor.size > m:

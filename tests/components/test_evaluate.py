@@ -17,9 +17,11 @@ from components.evaluate import (
     pair_name,
     per_query_retrieval,
     retrieval_metrics,
+    sample_pairs,
     set_threads,
     tar_name,
     verification_metrics,
+    verification_pairs,
 )
 from markdown_cells import content
 
@@ -128,6 +130,61 @@ def test_roc_downsampled_and_impostors_subsampled_reproducibly() -> None:
     a = verification_metrics(x, y, x, y, fars=(1e-2,), max_pairs=200_000, seed=3)[0]["tar@far=1e-2"]
     b = verification_metrics(x, y, x, y, fars=(1e-2,), max_pairs=200_000, seed=3)[0]["tar@far=1e-2"]
     assert a == b and abs(a - full) < 0.05
+
+
+def _clusters(n_q: int, n_g: int, n_id: int, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_id, 8)).astype(np.float32)
+    yq, yb = rng.integers(0, n_id, size=n_q), rng.integers(0, n_id, size=n_g)
+    xq = centres[yq] + 1.1 * rng.normal(size=(n_q, 8)).astype(np.float32)
+    xb = centres[yb] + 1.1 * rng.normal(size=(n_g, 8)).astype(np.float32)
+    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return norm(xq), yq, norm(xb), yb
+
+
+def test_sampled_pairs_hold_every_genuine_pair_and_only_impostors_drawn_per_query() -> None:
+    xq, yq, xb, yb = _clusters(300, 2_000, 40, seed=0)
+    s = sample_pairs(xq, yq, xb, yb, max_pairs=60_000, seed=4)
+    full = xq @ xb.T
+    same = yq[:, None] == yb[None, :]
+    # every genuine pair, once (a row-by-row dot product: float32 rounding differs from the matrix product's)
+    assert np.allclose(np.sort(s.genuine), np.sort(full[same]), atol=1e-6)
+    assert np.array_equal(np.bincount(s.genuine_query, minlength=300), same.sum(axis=1))
+    assert s.per_query == (60_000 - same.sum()) // 300 and np.all(np.bincount(s.impostor_query) == s.per_query)
+    assert np.all(yb[s.impostor_row] != yq[s.impostor_query])
+    assert np.allclose(s.impostor, full[s.impostor_query, s.impostor_row], atol=1e-6)
+    assert len(np.unique(s.impostor_row)) > 0.9 * 2_000  # spread over the gallery
+    again = sample_pairs(xq, yq, xb, yb, max_pairs=60_000, seed=4)
+    assert np.array_equal(again.impostor, s.impostor)  # seeded
+    counts = verification_pairs(yq, yb, max_pairs=60_000)
+    assert counts["sampled"] and counts["impostor"] == s.impostor.size and counts["genuine"] == s.genuine.size
+    assert counts["impostor_total"] == int((~same).sum()) and "seeded sample" in counts["text"]
+    assert not verification_pairs(yq, yb)["sampled"]
+
+
+def test_sampled_tar_lies_between_the_exact_tars_at_far_plus_minus_four_sigma() -> None:
+    """With M impostor draws the sampled threshold's true FAR has sd sqrt(f/M): the sampled TAR at f lies between
+    the exhaustive TARs at f − 4·sd and f + 4·sd (the ROC is monotone), for every seed tried."""
+    xq, yq, xb, yb = _clusters(400, 3_000, 60, seed=1)  # 1.2M pairs, all scored for the exact values
+    f, max_pairs = 1e-2, 100_000
+    m = verification_pairs(yq, yb, max_pairs)["impostor"]
+    sd = math.sqrt(f / m)
+    lo, hi = verification_metrics(xq, yq, xb, yb, fars=(f - 4 * sd, f + 4 * sd), max_pairs=10**8)[0].values()
+    for seed in range(5):
+        tar = verification_metrics(xq, yq, xb, yb, fars=(f,), max_pairs=max_pairs, seed=seed)[0][tar_name(f)]
+        assert lo <= tar <= hi, (seed, lo, tar, hi)
+    assert hi - lo < 0.1  # a bracket narrow enough to mean something
+
+
+def test_sampled_verification_never_builds_the_query_by_gallery_matrix() -> None:
+    import tracemalloc
+
+    xq, yq, xb, yb = _clusters(200, 100_000, 500, seed=2)  # 20M pairs: 80 MB as a float32 matrix
+    tracemalloc.start()
+    verification_metrics(xq, yq, xb, yb, fars=(1e-3,), max_pairs=400_000, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
 def test_missing_query_identity_raises_naming_it() -> None:
