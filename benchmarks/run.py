@@ -6,6 +6,9 @@
   python benchmarks/run.py skip            scheduled re-run with nothing changed / the full upgrade (after make upgrade)
   python benchmarks/run.py stream          peak RSS of legacy -> extract -> train (1 epoch) at 10x the default image
                                            count / at 1x; end-to-end extraction throughput / model-only throughput
+  python benchmarks/run.py flops           achieved training FLOP/s (torch's FLOP counter, one step) / a measured
+                                           fp32 GEMM peak: compute-only variants side by side, then train.fit with
+                                           data loading on the default images (after make upgrade)
   python benchmarks/run.py gallery         top-1 of old/old and new/old as 10^3..10^6 distractors join the old
                                            gallery; faiss IVF/HNSW against exact search at 10^6 rows (recall@1,
                                            queries/s), after make upgrade
@@ -62,6 +65,169 @@ def bench_step(threads: int, steps: int, batch: int) -> None:
           f"(backbone on {batch - int(alpha * batch)} of {batch} rows)")
     print(f"  ratio mixbct / paragon = {med['mixbct'] / med['none']:.3f}  (target <= 1.05)")
     print(f"  ratio mixbct skip_replaced / paragon = {med['mixbct skip'] / med['none']:.3f}  (target <= 0.8)")
+    skip_cross_test(ROOT / "artifacts" / "benchmark" / "skip-replaced")
+
+
+def skip_cross_test(grid: Path) -> None:
+    """The `skip-replaced` grid's two models (MixBCT with and without skip_replaced, default data and recipe,
+    same seed): test-set top-1 of new/old and new/new with the 95% paired-bootstrap intervals of their gains over
+    old/old, and whether each model's gains lie inside the other's intervals (the condition for the default)."""
+    import json
+
+    cells = {}
+    for path in sorted((grid / "cells").glob("*/cell.json")) if (grid / "cells").is_dir() else []:
+        cell = json.loads(path.read_text())
+        args = cell["overrides"].get("train.method_args.skip_replaced", False)
+        cells[bool(args)] = cell
+    if len(cells) < 2:
+        print(f"  (no finished skip-replaced grid in {grid}: run `mixbct benchmark --grid skip-replaced` for the "
+              "cross-test of each)")
+        return
+    print(f"cross-test on the test set (skip-replaced grid, {grid}; gains over old/old in top-1 points, 95% CI):")
+    rows = {}
+    for skip, cell in sorted(cells.items()):
+        gains = {side: cell["differences"][f"{pair} - old/old"]["top1"] for side, pair in (("cross", "new/old"),
+                                                                                       ("self", "new/new"))}  # fmt: skip
+        rows[skip] = gains
+        print(f"  skip_replaced={str(skip):<5}  new/old {cell['pairs']['new/old']['top1']:.4f} "
+              f"({100 * gains['cross']['point']:+.2f} [{100 * gains['cross']['lo']:+.2f}, {100 * gains['cross']['hi']:+.2f}])"
+              f"  new/new {cell['pairs']['new/new']['top1']:.4f} ({100 * gains['self']['point']:+.2f} "
+              f"[{100 * gains['self']['lo']:+.2f}, {100 * gains['self']['hi']:+.2f}])  gate {'passed' if cell['criterion']['passed'] else 'failed'}")
+    inside = all(rows[a][side]["lo"] <= rows[b][side]["point"] <= rows[a][side]["hi"]
+                 for a, b in ((False, True), (True, False)) for side in ("cross", "self"))  # fmt: skip
+    print(f"  equal within the intervals (each model's gains inside the other's): {'yes' if inside else 'no'}")
+
+
+def gemm_peak(threads: int, n: int = 2048, reps: int = 8) -> float:
+    """Measured fp32 GEMM FLOP/s on this machine and thread count: the best of `reps` n×n @ n×n products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    tic = time.perf_counter()
+    fn()
+    return time.perf_counter() - tic
+
+
+def step_flops(task, backbone, opt, x, y, old, credible) -> int:
+    """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode (matmuls and
+    convolutions; elementwise work is not counted, as is usual for model FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _method_step(task, backbone, opt, x, y, old, credible)
+    return int(counter.get_total_flops())
+
+
+def bench_flops(threads: int, steps: int, batch: int, profile: bool) -> None:
+    """Achieved training FLOP/s as a fraction of the measured fp32 GEMM peak, for the default recipe's step
+    (resnet_small, MixBCT, 32×32 inputs, 3,150 classes) in several variants measured side by side, and for the real
+    loop (train.fit on the stored default images: data loading included) when `make upgrade`'s dataset exists."""
+    import torch
+
+    from components.config import load_config
+
+    alpha = load_config(ROOT / "params.yaml").train.method_args["alpha"]
+    peak = gemm_peak(threads)
+    print(f"fp32 GEMM peak (2048^3 torch.mm, best of 8, {threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    gen = torch.Generator().manual_seed(0)
+    variants: dict[str, dict] = {}
+    for name, b, layout, compiled in (("fp32, NCHW (default)", batch, "nchw", False),
+                                      ("channels_last", batch, "nhwc", False),
+                                      ("torch.compile", batch, "nchw", True),
+                                      (f"batch {2 * batch}", 2 * batch, "nchw", False)):  # fmt: skip
+        task, backbone, opt, old, labels, credible = _method_task(
+            "mixbct", 128, DEFAULT_CLASSES, DEFAULT_ROWS, threads, {"alpha": alpha})  # fmt: skip
+        x = torch.rand(b, 1, 32, 32, generator=gen) * 2 - 1
+        idx = torch.randint(0, DEFAULT_ROWS, (b,), generator=gen)
+        flops = step_flops(task, backbone, opt, x, labels[idx], old[idx], credible[idx])
+        if layout == "nhwc":
+            backbone.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        if compiled:
+            backbone.compile()  # what runtime.compile does in train.fit
+        variants[name] = {"task": (task, backbone, opt, old, labels, credible), "x": x, "idx": idx, "flops": flops,
+                          "batch": b}  # fmt: skip
+    med = {}
+    names = list(variants)
+    for m in names:  # warm-up (and compilation) outside the timing
+        v = variants[m]
+        for _ in range(3):
+            task, backbone, opt, old, labels, credible = v["task"]
+            _method_step(task, backbone, opt, v["x"], labels[v["idx"]], old[v["idx"]], credible[v["idx"]])
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for i in range(steps):
+        for m in names[i % len(names):] + names[: i % len(names)]:
+            v = variants[m]
+            task, backbone, opt, old, labels, credible = v["task"]
+            times[m].append(_timed(lambda: _method_step(task, backbone, opt, v["x"], labels[v["idx"]],
+                                                        old[v["idx"]], credible[v["idx"]])))  # fmt: skip
+    for m in names:
+        med[m] = statistics.median(times[m])
+    print(f"training step, compute only (batch in memory), {steps} interleaved steps each, {threads} threads:")
+    print(f"  {'variant':<22} {'GFLOP/step':>10} {'ms/step':>8} {'GFLOP/s':>8} {'of peak':>8} {'images/s':>9}")
+    for m in names:
+        v = variants[m]
+        rate = v["flops"] / med[m]
+        print(f"  {m:<22} {v['flops'] / 1e9:10.2f} {med[m] * 1e3:8.1f} {rate / 1e9:8.1f} {rate / peak:8.3f} "
+              f"{v['batch'] / med[m]:9.0f}")
+    base = variants[names[0]]
+    loop = _loop_step_seconds(threads, batch, alpha)
+    if loop is not None:
+        for workers, seconds in loop.items():
+            rate = base["flops"] / seconds
+            print(f"  train.fit, stored images, loader_workers={workers}: {seconds * 1e3:.1f} ms/step, "
+                  f"{rate / 1e9:.1f} GFLOP/s = {rate / peak:.3f} of peak")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        task, backbone, opt, old, labels, credible = base["task"]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                _method_step(task, backbone, opt, base["x"], labels[base["idx"]], old[base["idx"]],
+                             credible[base["idx"]])  # fmt: skip
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def _loop_step_seconds(threads: int, batch: int, alpha: float, steps: int = 40) -> dict[int, float] | None:
+    """Seconds per step of train.fit (one epoch of `steps` steps) on the stored default images, by loader
+    workers; None without `make upgrade`'s dataset."""
+    import torch
+
+    from components.losses import build_method
+    from components.models import build_backbone
+    from components.paths import Paths
+    from components.stages import split_arrays
+    from components.task import CompatibleTask
+    from components.train import LoopConfig, TrainArrays, fit
+
+    paths = Paths(ROOT / "artifacts")
+    if not paths.manifest.is_file():
+        print("  (no artifacts/dataset: run `make upgrade` for the real loop's figure)")
+        return None
+    images, labels = split_arrays(paths, "new_train")
+    n = steps * batch
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.choice(len(labels), n, replace=False))
+    y = np.unique(labels[keep], return_inverse=True)[1]
+    out = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        backbone = build_backbone("resnet_small", 128, 32)
+        task = CompatibleTask(backbone, build_method("mixbct", embedding_dim=128, num_classes=int(y.max()) + 1,
+                                                     args={"alpha": alpha}))  # fmt: skip
+        old = rng.standard_normal((n, 128)).astype(np.float32)
+        data = TrainArrays(images.subset(keep), y, old, np.ones(n, dtype=bool), workers=workers)
+        with tempfile.TemporaryDirectory() as tmp:
+            history = fit(task, backbone, data, LoopConfig(epochs=1, batch_size=batch, lr=0.1), Path(tmp) / "ck.pt")
+        out[workers] = history[0]["seconds"] / steps
+    return out
 
 
 # The default run's new-model training set: open-class, 3,150 new classes x 10 renderings (params.yaml).
@@ -350,11 +516,14 @@ def _stream_throughput(work: Path, threads: int, rounds: int = 5) -> None:
 GALLERY_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 # (factory, search parameters) tried at the largest size: IVF at two list counts over a range of nprobe, HNSW over
 # efSearch; the best setting that keeps recall@1 >= 0.99 is reported against exact search's throughput.
-ANN_SETTINGS = (
-    *(("IVF1024,Flat", f"nprobe={p}") for p in (4, 8, 16, 32, 64)),
-    *(("IVF4096,Flat", f"nprobe={p}") for p in (8, 16, 32, 64, 128)),
-    *(("HNSW32", f"efSearch={e}") for e in (32, 64, 128, 256)),
+# Each factory is built once, then searched with each of its settings (faiss ParameterSpace syntax).
+ANN_SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("IVF1024,Flat", tuple(f"nprobe={p}" for p in (8, 16, 32, 64))),
+    ("IVF4096,Flat", tuple(f"nprobe={p}" for p in (16, 32, 64, 128))),
+    ("IVF16384,Flat", tuple(f"nprobe={p}" for p in (32, 64, 128, 256))),
+    ("HNSW32", tuple(f"efSearch={e}" for e in (32, 64, 128, 256))),
 )
+TRAIN_PER_LIST = 39  # faiss's advice: at least 39 training points per IVF list
 
 
 def _render_distractors(args: tuple[list[str], int, int, int]) -> np.ndarray:
@@ -416,7 +585,8 @@ def bench_gallery(work: Path, threads: int, rows: int, keep: Path | None) -> Non
     import faiss
     import torch
 
-    from components.ann import GalleryTooSmall, build_index, compare_with_exact
+    from components.ann import (TRAIN_ROWS, GalleryTooSmall, build_index, compare_with_exact, exact_search,
+                                set_search_params)
     from components.embed import extract, load_embedder
     from components.evaluate import _normalized
     from components.paths import Paths
@@ -455,20 +625,26 @@ def bench_gallery(work: Path, threads: int, rows: int, keep: Path | None) -> Non
         print(f"approximate search at {len(xb):,} rows x {xb.shape[1]}-d (new queries against the old gallery "
               f"+ distractors), recall@1 against exact search on the same {len(yq):,} queries:")
         print(f"  {'index':<14} {'search':<13} {'build s':>8} {'recall@1':>9} {'queries/s':>10} {'x exact':>8}")
+        exact = exact_search(q["new"], xb)
+        exact = min([exact] + [exact_search(q["new"], xb) for _ in range(2)], key=lambda e: e[2])  # best of 3
+        print(f"  exact (IndexFlatIP, BLAS): {len(yq) / exact[2]:,.0f} queries/s (best of 3)")
         best = None
-        for factory, params in ANN_SETTINGS:
+        for factory, settings in ANN_SETTINGS:
+            lists = int(factory.split(",")[0][3:]) if factory.startswith("IVF") else 0
             tic = time.perf_counter()
             try:
-                index = build_index(xb, factory, params)
+                index = build_index(xb, factory, train_rows=max(TRAIN_ROWS, TRAIN_PER_LIST * lists))
             except GalleryTooSmall:
-                print(f"  {factory:<14} {params:<13} (too few rows to train)")
+                print(f"  {factory:<14} (too few rows to train)")
                 continue
             built = time.perf_counter() - tic
-            report = compare_with_exact(index, q["new"], xb, factory, params)
-            print(f"  {factory:<14} {params:<13} {built:8.1f} {report.recall_at_1:9.4f} {report.qps:10.0f} "
-                  f"{report.speedup:8.1f}")
-            if report.recall_at_1 >= 0.99 and (best is None or report.speedup > best.speedup):
-                best = report
+            for params in settings:
+                set_search_params(index, factory, params)
+                report = compare_with_exact(index, q["new"], xb, factory, params, exact=exact)
+                print(f"  {factory:<14} {params:<13} {built:8.1f} {report.recall_at_1:9.4f} {report.qps:10.0f} "
+                      f"{report.speedup:8.1f}")
+                if report.recall_at_1 >= 0.99 and (best is None or report.speedup > best.speedup):
+                    best = report
             del index
         if best is None:
             print("  no setting reached recall@1 >= 0.99 (see the trade-off above)")
@@ -509,6 +685,11 @@ def main() -> None:
     sc.add_argument("--stages", choices=["prepare", "train"], required=True)
     k = sub.add_parser("skip")
     k.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    fl = sub.add_parser("flops")
+    fl.add_argument("--threads", type=int, default=2)
+    fl.add_argument("--steps", type=int, default=20)
+    fl.add_argument("--batch", type=int, default=128)
+    fl.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     g = sub.add_parser("gallery")
     g.add_argument("--work", type=Path, default=ROOT / "artifacts", help="a finished upgrade's work folder")
     g.add_argument("--threads", type=int, default=2)
@@ -527,6 +708,8 @@ def main() -> None:
         bench_stream(args.threads, args.scale, args.keep)
     elif args.bench == "stream-child":
         stream_child(args.work, args.scale, args.threads, args.stages)
+    elif args.bench == "flops":
+        bench_flops(args.threads, args.steps, args.batch, args.profile)
     elif args.bench == "gallery":
         bench_gallery(args.work, args.threads, args.rows, args.keep)
     else:

@@ -58,12 +58,18 @@ def build_index(
             raise GalleryTooSmall(f"evaluate.index: {factory!r} cannot be trained on {len(sample):,} gallery rows "
                              f"({_first_line(err)})") from None  # fmt: skip
     index.add(xb)
-    if params:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, params)
-        except RuntimeError as err:
-            raise ValueError(f"evaluate.index_params: {params!r} does not apply to {factory!r} ({_first_line(err)})") from None
+    set_search_params(index, factory, params)
     return index
+
+
+def set_search_params(index: faiss.Index, factory: str, params: str) -> None:
+    """Set an index's search knobs (faiss ParameterSpace syntax: "nprobe=32", "efSearch=128") after it is built."""
+    if not params:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as err:
+        raise ValueError(f"evaluate.index_params: {params!r} does not apply to {factory!r} ({_first_line(err)})") from None
 
 
 def _first_line(err: Exception) -> str:
@@ -110,10 +116,18 @@ def recall_at_1(approx_rows: np.ndarray, exact_rows: np.ndarray, approx_scores: 
     return float(hit.mean()) if len(hit) else float("nan")
 
 
-def compare_with_exact(index: faiss.Index, xq: np.ndarray, xb: np.ndarray, factory: str, params: str = "") -> IndexReport:
-    """Recall@1 of `index` against exact search over `xb` on the queries `xq`, and both throughputs."""
-    exact = build_index(xb)
-    es, ei, t_exact = timed_search(exact, xq, 1)
+def exact_search(xq: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact top-1 (scores, rows, seconds) of `xq` over `xb`: what `compare_with_exact` measures an index against."""
+    return timed_search(build_index(xb), xq, 1)
+
+
+def compare_with_exact(
+    index: faiss.Index, xq: np.ndarray, xb: np.ndarray, factory: str, params: str = "",
+    exact: tuple[np.ndarray, np.ndarray, float] | None = None,
+) -> IndexReport:  # fmt: skip
+    """Recall@1 of `index` against exact search over `xb` on the queries `xq`, and both throughputs. `exact`: an
+    `exact_search` result to reuse when several settings are compared on the same queries."""
+    es, ei, t_exact = exact if exact is not None else exact_search(xq, xb)
     as_, ai, t_index = timed_search(index, xq, 1)
     return IndexReport(factory, params, len(xq), len(xb), recall_at_1(ai, ei, as_, es), len(xq) / t_index,
                        len(xq) / t_exact)  # fmt: skip

@@ -339,6 +339,9 @@ class RuntimeConfig(Section):
     # shared between them); the global batch and schedule stay train.*. dist_backend auto = nccl on CUDA, gloo on
     # the CPU. sync_batchnorm (CUDA only) normalises over the global batch. torchrun_args: extra torchrun options
     # (e.g. ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "host:29400"] for several machines).
+    # torch.compile the backbone while it trains (inductor; needs a C compiler): faster steps on long trainings
+    # (benchmarks/run.py flops), a minute or so of compilation, float rounding that differs from eager mode.
+    compile: bool = False
     nproc_per_node: int = Field(1, ge=1)
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     sync_batchnorm: bool = False

@@ -30,7 +30,7 @@ def worker(spec_path: Path) -> None:
     with process_group(rt["backend"], rt["device"]) as r:
         if not r.main:
             os.environ["MIXBCT_PROGRESS"] = "0"  # one bar, rank 0's
-        set_placement(place(rt["device"], rt["precision"], rt["channels_last"]))
+        set_placement(place(rt["device"], rt["precision"], rt["channels_last"], rt.get("compile", False)))
         cfg = TrainConfig.model_validate(spec["train"])
         stages._fit_backbone(cfg, int(spec["image_size"]), Paths(Path(spec["root"])), spec["role"], spec["method"])
 

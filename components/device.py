@@ -8,6 +8,8 @@
   (torch.amp.GradScaler) so small gradients do not underflow; bf16 has fp32's range and needs none. fp16 on the
   CPU is refused (no CPU kernels worth using).
 - channels_last: null = on for CUDA (tensor cores prefer NHWC), off on the CPU.
+- compile: torch.compile (inductor) the backbone while it trains; its weights, checkpoints and exports are the
+  plain module's. Off by default: it pays on long trainings (benchmarks/run.py flops) but changes float rounding.
 
 Everything random in the loop draws from CPU generators (epoch order, flips, augmentation, MixBCT's rows), so the
 same seed gives the same batches and the same replaced rows on every device; only float rounding differs.
@@ -32,6 +34,7 @@ class Placement:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16 (resolved)
     channels_last: bool
+    compile: bool = False  # runtime.compile: torch.compile the backbone for training (components.train.fit)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -63,8 +66,10 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def place(device: Device = "auto", precision: Precision = "auto", channels_last: bool | None = None) -> Placement:
-    """Resolve runtime.device / runtime.precision / runtime.channels_last against this machine."""
+def place(
+    device: Device = "auto", precision: Precision = "auto", channels_last: bool | None = None, compile: bool = False
+) -> Placement:
+    """Resolve runtime.device / runtime.precision / runtime.channels_last / runtime.compile against this machine."""
     if device == "cuda" and not cuda_available():
         raise ConfigError("runtime.device: cuda asked for, but torch sees no CUDA device (use auto or cpu)")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu")
@@ -77,7 +82,7 @@ def place(device: Device = "auto", precision: Precision = "auto", channels_last:
         raise ConfigError("runtime.precision: fp16 needs a CUDA device; on the CPU use bf16 or fp32")
     if channels_last is None:
         channels_last = dev.type == "cuda"
-    return Placement(dev, precision, bool(channels_last))
+    return Placement(dev, precision, bool(channels_last), bool(compile))
 
 
 

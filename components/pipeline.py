@@ -127,7 +127,7 @@ def run(name: str, cfg: Config, paths: Paths) -> dict[str, Any]:
     from components.device import place, set_placement
 
     set_loader_workers(cfg.runtime.loader_workers, cfg.runtime.workers)
-    set_placement(place(cfg.runtime.device, cfg.runtime.precision, cfg.runtime.channels_last))
+    set_placement(place(cfg.runtime.device, cfg.runtime.precision, cfg.runtime.channels_last, cfg.runtime.compile))
     from components.distributed import Launch, set_launch
 
     rt = cfg.runtime

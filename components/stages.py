@@ -657,7 +657,7 @@ def _launch_fit(cfg: TrainConfig, image_size: int, paths: Paths, role: str, meth
         "train": cfg.model_dump(mode="json"), "image_size": image_size, "root": str(paths.root.resolve()),
         "role": role, "method": method_name, "checkpoint": str(paths.root / "checkpoints"),
         "runtime": {"threads": threads, "device": pl.device.type, "precision": pl.precision,
-                    "channels_last": pl.channels_last, "backend": launch.backend,
+                    "channels_last": pl.channels_last, "compile": pl.compile, "backend": launch.backend,
                     "sync_batchnorm": launch.sync_batchnorm},
     }  # fmt: skip
     distributed.launch_training(spec, paths.root / "checkpoints" / f"torchrun-{role}.json")

@@ -85,6 +85,8 @@ def fit(
     """
     pl = placement if placement is not None else current_placement()
     pl.module(task)
+    if pl.compile:
+        backbone.compile()  # in place: the state_dict keys stay the plain module's
     rk = distributed.rank()
     mine = distributed.local_slice(cfg.batch_size, rk)  # every row of the batch on one process
     images = data.images
@@ -178,5 +180,7 @@ def fit(
         distributed.barrier()  # no rank starts the next epoch before the checkpoint is whole
         if on_epoch is not None:
             on_epoch(record)
+    if pl.compile:
+        backbone._compiled_call_impl = None  # back to eager (nn.Module.compile's switch): export traces the module
     task.to("cpu", memory_format=torch.contiguous_format)  # export, parity and saving run on the CPU
     return history

@@ -76,3 +76,17 @@ def test_a_gallery_too_small_for_the_index_is_searched_exactly_by_the_evaluation
         assert retrieval_metrics(xq, yq, xb, yb) == exact
     finally:
         set_index()
+
+
+
+def test_search_settings_change_on_a_built_index_as_if_it_were_built_with_them() -> None:
+    """The benchmark builds each factory once and sweeps its knobs: the same answers as an index built per knob."""
+    from components.ann import set_search_params
+
+    xb, xq = _clustered(4_000, 16, 40, 9), _clustered(100, 16, 40, 10)
+    index = build_index(xb, "HNSW16")
+    for ef in (16, 256):
+        set_search_params(index, "HNSW16", f"efSearch={ef}")
+        swept = timed_search(index, xq, 5)[:2]
+        built = timed_search(build_index(xb, "HNSW16", f"efSearch={ef}"), xq, 5)[:2]
+        assert all(np.array_equal(a, b) for a, b in zip(swept, built, strict=True))

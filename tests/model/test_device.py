@@ -73,3 +73,20 @@ def test_channels_last_gives_the_same_training_to_float_rounding(tmp_path: Path)
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), name
             assert b.is_contiguous(), name  # back in the usual format for export
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_hands_back_a_plain_module(tmp_path: Path) -> None:
+    """runtime.compile: torch.compile (inductor) during fit only; the same losses to float rounding, the same
+    state_dict keys (checkpoints and exports are the plain module's), an eager module afterwards."""
+    cfg = LoopConfig(epochs=2, batch_size=16, lr=0.05, seed=1)
+    eager_task, eager_bb = _task()
+    eager = fit(eager_task, eager_bb, toy_arrays(), cfg, tmp_path / "eager.pt", placement=place("cpu", "fp32", False))
+    task, backbone = _task()
+    compiled = fit(task, backbone, toy_arrays(), cfg, tmp_path / "compiled.pt",
+                   placement=place("cpu", "fp32", False, compile=True))  # fmt: skip
+    assert np.allclose([h["loss"] for h in compiled], [h["loss"] for h in eager], rtol=1e-3)
+    assert task.state_dict().keys() == eager_task.state_dict().keys()
+    assert backbone._compiled_call_impl is None
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.allclose(backbone.eval()(x), eager_bb.eval()(x), atol=1e-3)
