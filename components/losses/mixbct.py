@@ -32,6 +32,8 @@ class MixBCTArgs(MethodArgs):
     # Run the backbone only on the rows MixBCT keeps (issue "Past one process", item 5): the replaced rows' features
     # are the old ones either way, so their forward and backward are wasted work (the authors' code does it too).
     # The same rows are drawn; BatchNorm then sees b − floor(α·b) rows per step, which can change the result.
+    # params.yaml turns it on (measured equal within the intervals: docs/skip/results.md). With l2_weight > 0 the
+    # L2 term reads every row's new feature, so the backbone runs on every row whatever this says.
     skip_replaced: bool = False
 
 
@@ -77,7 +79,7 @@ class MixBCT(CompatibilityMethod):
 
     def replaced_rows(self, credible: torch.Tensor | None) -> torch.Tensor | None:
         """With skip_replaced, this step's replaced rows, drawn now (forward then gets them back as `rows`)."""
-        if not self.skip_replaced:
+        if not self.skip_replaced or self.l2_weight > 0:
             return None
         if credible is None:
             raise ValueError("MixBCT needs the credible mask of the batch")

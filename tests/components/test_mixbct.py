@@ -158,3 +158,13 @@ def test_skip_replaced_runs_the_backbone_on_kept_rows_only_and_changes_nothing_e
     assert tasks[0].backbone.rows_seen == [20] and tasks[1].backbone.rows_seen == [10]
     # the generators stay in step: the next batch draws the same rows in both
     assert torch.equal(tasks[0].method.generator.get_state(), tasks[1].method.generator.get_state())
+
+
+def test_the_l2_term_keeps_every_row_in_the_backbone_even_with_skip_replaced_on() -> None:
+    """params.yaml turns skip_replaced on; `-S train.method_args.l2_weight=10` must still work (the L2 term reads
+    every row's new feature), so the backbone then runs on every row."""
+    both = build_method("mixbct", embedding_dim=8, num_classes=5, args={"alpha": 0.5, "skip_replaced": True,
+                                                                         "l2_weight": 10.0})  # fmt: skip
+    assert both.replaced_rows(torch.ones(16, dtype=torch.bool)) is None
+    only = build_method("mixbct", embedding_dim=8, num_classes=5, args={"alpha": 0.5, "skip_replaced": True})
+    assert only.replaced_rows(torch.ones(16, dtype=torch.bool)).numel() == 8
