@@ -40,8 +40,19 @@ CROSS_DIFF, SELF_DIFF, FLIP = "new/old - old/old", "new/new - old/old", "old/old
 
 
 def load_cells(plans: Sequence[Plan]) -> list[dict[str, Any]]:
-    """The records of the cells that finished (a cell without `cell.json` is still to run)."""
-    return [json.loads(p.cell_json.read_text()) for p in plans if p.cell_json.is_file()]
+    """The records of the cells that finished (a cell without `cell.json` is still to run), each with the choice
+    its training made on the validation identities (a training-free map's weight) when it made one."""
+    records = []
+    for p in plans:
+        if not p.cell_json.is_file():
+            continue
+        record = json.loads(p.cell_json.read_text())
+        info = p.paths.model_dir("new") / "info.json"
+        fitted = json.loads(info.read_text()).get("training_free") if info.is_file() else None
+        if fitted and "validation_table" in fitted:
+            record["choice"] = {k: fitted[k] for k in ("method", "a", "validation_score", "validation_table") if k in fitted}
+        records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
@@ -292,6 +303,75 @@ def validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
             "set's.", "", table]  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ choices on the validation split
+
+# Choices made before any grid, with where they were made (kept here so that results.md lists every one).
+FIXED_CHOICES: tuple[tuple[str, str, str], ...] = (
+    ("MixBCT α = 0.5 (params.yaml)", "validation identities (200) of the default data, `--grid select-default`",
+     "docs/select/results.md: validation min(cross, self) top-1 gain +1.25 points at α = 0.5 vs +1.00 at α = 0.3"),
+    ("MixBCT skip_replaced = true (params.yaml, since 48940c6)", "validation and test identities, `--grid skip-replaced`",
+     "docs/skip/results.md: equal within the intervals (validation cross +1.50 vs +1.25, self +1.75 vs +1.75)"),
+    ("credible keep T = 0.9, ArcFace s = 64, m = 0.5, SGD recipe, epochs", "none: method.md's values",
+     "not tuned; no early stopping (every model trains its full epochs)"),
+)  # fmt: skip
+
+
+def _val_score(r: Mapping[str, Any]) -> float:
+    """The selection score: min(validation cross gain, validation self gain) in top-1 (select-default's rule)."""
+    val = (r.get("sets") or {}).get("validation")
+    return min(_cell(val, "differences", CROSS_DIFF, "top1", "point"), _cell(val, "differences", SELF_DIFF, "top1", "point"))
+
+
+def _candidate(r: Mapping[str, Any], varying: set[str]) -> str:
+    over = r.get("overrides") or {}
+    parts = [f"{k.split('.')[-1]}={over[k]}" for k in sorted(varying) if k in over]
+    return ", ".join(parts) or "grid base"
+
+
+def choices_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every hyper-parameter chosen on the validation identities, with the split it came from: the fixed choices,
+    each training-free map's weight, and each sweep in the grid (cells of one method, setting and seed that differ
+    in an argument), scored by min(validation cross, self) top-1 gain. Nothing without cell records."""
+    if not records:
+        return []
+    lines = ["", "## Hyper-parameters chosen on the validation split", "",
+             "Every choice and the split it came from. Test identities are used only for the numbers reported.", "",
+             "| choice | split | evidence |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in FIXED_CHOICES]
+    maps = [r for r in records if r.get("choice")]
+    if maps:
+        lines += ["", "Training-free maps (the weight `a` chosen per cell on that cell's validation identities, "
+                  "score = min(cross, self) top-1 gain over old/old):", "",
+                  "| setting | method | seed | chosen a | validation score, points | candidates a: score |",
+                  "|---|---|---|---:|---:|---|"]  # fmt: skip
+        for r in sorted(maps, key=lambda r: (str(setting_of(r)), r["method"], str(r.get("seed")))):
+            ch, s = r["choice"], setting_of(r)
+            table = " ".join(f"{t['a']:g}: {100 * t['score']:+.2f}" for t in ch.get("validation_table", []))
+            lines.append(f"| {s[0]}/{s[1]}/d{s[2]} | {_label(r['method'])} | {r.get('seed')} | {ch.get('a', math.nan):g} "
+                         f"| {100 * ch.get('validation_score', math.nan):+.2f} | {table} |")  # fmt: skip
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in records:
+        if r["method"] in ("none",) or r.get("choice"):
+            continue
+        s = setting_of(r)
+        groups.setdefault((s[0], s[1], s[2], r["method"], str(r.get("seed"))), []).append(r)
+    sweeps = {k: g for k, g in groups.items() if len(g) > 1}
+    if sweeps:
+        lines += ["", "Sweeps in this grid (the candidate validation would choose is in bold; a sweep informs the "
+                  "default, it does not change it by itself):", "",
+                  "| setting | method | seed | candidates: validation min(cross, self) Δtop1, points |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for (scenario, old, dim, method, seed), group in sorted(sweeps.items(), key=lambda kv: str(kv[0])):
+            keys = [set((r.get("overrides") or {}).items()) for r in group]
+            varying = {k for k, _ in set.union(*keys) - set.intersection(*keys)}
+            scored = [(_val_score(r), _candidate(r, varying)) for r in group]
+            best = max((sc for sc in scored if not math.isnan(sc[0])), default=None, key=lambda sc: sc[0])
+            cells = [f"**{c}: {100 * v:+.2f}**" if best is not None and (v, c) == best else
+                     f"{c}: {'–' if math.isnan(v) else f'{100 * v:+.2f}'}" for v, c in scored]  # fmt: skip
+            lines.append(f"| {scenario}/{old}/d{dim} | {_label(method)} | {seed} | {'; '.join(cells)} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -387,6 +467,7 @@ def render(grid: Grid, rows: Sequence[Mapping[str, Any]], command: str, missing:
                       "validation gains are where choices are made):", "", review_table(group)]  # fmt: skip
     lines += baseline_section(records)
     lines += validation_section(records)
+    lines += choices_section(records)
     lines += ["", "## Claims as found", "", f"Computed from the tables above by `{__name__}.claims`.", ""]
     for c in claims(rows):
         verdict = {True: "**holds**", False: "**does not hold**", None: "**not measured**"}[c["holds"]]

@@ -314,3 +314,26 @@ def test_a_baseline_near_the_paragon_is_reported_with_its_measured_reason() -> N
     assert "## Corrected baselines against the paragon" in text
     cells = [line for line in content(text) if isinstance(line, list)]
     assert any(c[:3] == ["open-class/softmax/d128", "nccl", "0"] and c[6] == "near the paragon" for c in cells)
+
+
+def test_choices_section_lists_fixed_choices_each_maps_weight_and_what_validation_picks_in_a_sweep() -> None:
+    def val(cross: float, self_: float) -> dict:
+        return {"validation": {"differences": {"new/old - old/old": {"top1": {"point": cross}},
+                                               "new/new - old/old": {"top1": {"point": self_}}}}}  # fmt: skip
+
+    lce = [dict(_record("lce", 0, 0.5, 0.6, 0.7, True), overrides=over, sets=val(c, s), id=f"lce-{i}")
+           for i, (over, c, s) in enumerate([({}, -0.10, 0.02), ({"train.method_args.weight_scale": 16.0}, 0.03, 0.05),
+                                             ({"train.method_args.weight_scale": 64.0}, 0.04, 0.025)])]  # fmt: skip
+    slerp = dict(_record("slerp", 0, 0.5, 0.6, 0.7, True),
+                 choice={"a": 0.3, "validation_score": 0.01, "validation_table": [{"a": 0.0, "score": 0.0},
+                                                                                  {"a": 0.3, "score": 0.01}]})  # fmt: skip
+    lines = report.choices_section([*lce, slerp, _record("mixbct", 0, 0.5, 0.6, 0.7, True)])
+    text = "\n".join(lines)
+    assert "## Hyper-parameters chosen on the validation split" in text
+    assert "MixBCT α = 0.5" in text and "docs/select/results.md" in text and "docs/skip/results.md" in text
+    # min(cross, self): ×16 scores +3.00, ×64 +2.50, the base −10.00 → ×16, in bold
+    row = next(line for line in lines if line.startswith("| open-class/softmax/d128 | lce"))
+    assert "grid base: -10.00" in row and "**weight_scale=16.0: +3.00**" in row and "weight_scale=64.0: +2.50" in row
+    row = next(line for line in lines if "| slerp" in line)
+    assert "| 0.3 | +1.00 | 0: +0.00 0.3: +1.00 |" in row
+    assert not any("| mixbct" in line for line in lines)  # one cell: no sweep
