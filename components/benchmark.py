@@ -197,7 +197,9 @@ def reads(plan: Plan, piece: str) -> tuple[str, ...]:
 
 
 def link_cell(plan: Plan) -> Paths:
-    """The cell's own `Paths` work folder: dataset/legacy/old_features/paragon/new are links to shared work."""
+    """The cell's own `Paths` work folder: dataset/legacy/old_features/paragon/new are links to shared work. A
+    stale record (`is_done` said no) goes first, so that an interruption cannot leave it beside the new links."""
+    plan.cell_json.unlink(missing_ok=True)
     for piece, (name, _) in PIECES.items():
         if piece == "paragon" and not plan.cfg.train.paragon:
             continue
@@ -206,7 +208,20 @@ def link_cell(plan: Plan) -> Paths:
 
 
 def is_done(plan: Plan) -> bool:
-    return plan.cell_json.is_file()
+    """The cell has its record and that record came from the shared work its config names now. A cell id hashes
+    the cell's overrides only, so after a change of the base params (another `--params`, an edited params.yaml)
+    the same id can point at other models: its links then differ and the cell is computed again."""
+    return plan.cell_json.is_file() and _links_current(plan)
+
+
+def _links_current(plan: Plan) -> bool:
+    for piece, (name, _) in PIECES.items():
+        if piece == "paragon" and not plan.cfg.train.paragon:
+            continue
+        link = plan.paths.root / name
+        if not link.is_symlink() or os.readlink(link) != os.path.relpath(output(plan, piece), link.parent):
+            return False
+    return True
 
 
 def labels(plan: Plan) -> dict[str, Any]:

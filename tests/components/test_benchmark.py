@@ -87,6 +87,31 @@ def test_cell_links_point_at_shared_folders(tmp_path: Path) -> None:
     assert not bm.is_done(a)
 
 
+def test_a_cell_recorded_under_other_base_params_is_not_done(tmp_path: Path) -> None:
+    """A cell id hashes its overrides only: after params.yaml changes, the same id must be computed again, and its
+    stale record goes before the new links are made."""
+    grid = _grid(tmp_path, {"blocks": [{"axes": {"train.method": ["mixbct"]}}]})
+    (before,) = bm.plan(grid, ROOT / "params.yaml", tmp_path / "work")
+    for piece in bm.PIECES:
+        bm.output(before, piece).mkdir(parents=True, exist_ok=True)
+    bm.link_cell(before)
+    before.cell_json.write_text("{}")
+    assert bm.is_done(before)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["method_args"]["mixbct"]["alpha"] = 0.7
+    edited = tmp_path / "params.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    (after,) = bm.plan(grid, edited, tmp_path / "work")
+    assert after.cell.id == before.cell.id and after.keys["new"] != before.keys["new"]
+    assert not bm.is_done(after)
+    for piece in bm.PIECES:
+        bm.output(after, piece).mkdir(parents=True, exist_ok=True)
+    bm.link_cell(after)
+    assert not after.cell_json.exists() and bm.is_done(before) is False
+    after.cell_json.write_text("{}")
+    assert bm.is_done(after)
+
+
 def _record(method: str, seed: int, oo: float, no: float, nn: float, passed: bool, scenario: str = "open-class",
             old: str = "softmax", dim: int = 128, ablation: str = "-", paragon: float | None = None) -> dict:
     metric = lambda v: {"top1": v, "mAP": v, "tar@far=1e-3": v}  # noqa: E731
