@@ -216,6 +216,41 @@ def old_feed(old: OldConfig, data: DataConfig) -> dict[str, Any]:
             "fallback": default_preprocess(data.image_size, data.channels)}  # fmt: skip
 
 
+# How the legacy stage embeds the gallery with the old model it trained: in this process, unless a flow installs
+# another way (flows/extract.py: shards on a Dask cluster). (model.onnx, gallery images, threads) -> [n, d] float32.
+GALLERY_BATCH = 512
+_GALLERY_EXTRACTOR: Any = None
+
+
+def set_gallery_extractor(fn: Any) -> None:
+    global _GALLERY_EXTRACTOR
+    _GALLERY_EXTRACTOR = fn
+
+
+def _extract_gallery_here(model: Path, images: Any, threads: int) -> np.ndarray:
+    from components.embed import extract, load_embedder
+
+    return extract(load_embedder(model, threads=threads), images, batch_size=GALLERY_BATCH)
+
+
+def gallery_shards(n: int, shard_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of an n-row gallery in whole batches of GALLERY_BATCH (so every row is embedded in
+    the same batch as in one process: bit-identical results)."""
+    step = max(GALLERY_BATCH, shard_rows // GALLERY_BATCH * GALLERY_BATCH)
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def embed_gallery_shard(model: str, images: Any, start: int, stop: int, folder: str, threads: int = 1) -> str:
+    """Rows [start, stop) of `images` embedded by `model`, written atomically to `folder` (a Dask task)."""
+    set_threads(threads)
+    path = Path(folder) / f"{start:012d}-{stop:012d}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = _extract_gallery_here(Path(model), images.subset(np.arange(start, stop)), threads)
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, feats)
+    return str(path)
+
+
 def old_embedder(paths: Paths, threads: int = 2) -> Embedder:
     """The old model as the legacy stage recorded it, fed as it recorded (info.json "feed": the preprocess that
     was resolved for it, its embedding tensor and pooling)."""
@@ -243,7 +278,7 @@ def legacy(
     on the old split (softmax or ArcFace head) and the gallery is embedded with it; its ONNX export must agree with
     torch within `tolerance` (evaluate.onnx_tolerance, the registration gate's tolerance too).
     """
-    from components.embed import export_onnx, extract, load_embedder, model_sha256, onnx_parity, save_backbone
+    from components.embed import export_onnx, load_embedder, model_sha256, onnx_parity, save_backbone
 
     with atomic_dir(paths.legacy) as out:
         if old.model is not None and old.gallery is not None:
@@ -309,8 +344,7 @@ def legacy(
             parity = onnx_parity(backbone, out / "model.onnx", gallery_images[:64], threads=threads)
             if not parity <= tolerance:  # NaN fails too
                 raise RuntimeError(f"{out / 'model.onnx'}: ONNX differs from torch by {parity:.2e} (> {tolerance:g})")
-            embedder = load_embedder(out / "model.onnx", threads=threads)
-            gallery = extract(embedder, gallery_images)
+            gallery = (_GALLERY_EXTRACTOR or _extract_gallery_here)(out / "model.onnx", gallery_images, threads)
             save_npy(out / "gallery.npy", gallery)
             write_json(out / "history.json", history)
             _write_history_csv(out / "history.csv", history)

@@ -65,10 +65,10 @@ def upgrade(
                 if not stage.when(cfg):
                     continue
                 options = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_bad_input}
-                if stage.name == "extract" and cfg.runtime.dask:  # shards on a Dask cluster (flows/extract.py)
-                    from flows.extract import extract_on_dask
+                if stage.name in ("legacy", "extract") and cfg.runtime.dask:  # shards on Dask (flows/extract.py)
+                    from flows.extract import extract_on_dask, legacy_on_dask
 
-                    out[stage.name] = extract_on_dask(cfg, paths)
+                    out[stage.name] = (legacy_on_dask if stage.name == "legacy" else extract_on_dask)(cfg, paths)
                     continue
                 out[stage.name] = task(pipeline.run, name=stage.name, **options)(stage.name, cfg, paths)
                 if stage.name == "evaluate":
