@@ -224,7 +224,7 @@ class PairSample:
 
 def verification_pairs(yq: np.ndarray, yb: np.ndarray, max_pairs: int = MAX_PAIRS) -> dict[str, Any]:
     """How many pairs TAR@FAR rests on for these labels: every genuine pair and all impostor pairs, or (above
-    max_pairs) `sample_pairs`' sample of them. Stated next to the numbers (metrics.json, table.md when sampled)."""
+    max_pairs) `sample_pairs`' sample of them. Stated next to the numbers in metrics.json (`verification_pairs`)."""
     yq, yb = np.asarray(yq).ravel(), np.asarray(yb).ravel()
     genuine = int(_gallery_counts(yq, yb).sum())
     total = len(yq) * len(yb) - genuine

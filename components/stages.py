@@ -236,8 +236,7 @@ def _extract_gallery_here(model: Path, images: Any, threads: int) -> np.ndarray:
 def gallery_shards(n: int, shard_rows: int) -> list[tuple[int, int]]:
     """Row ranges [start, stop) of an n-row gallery in whole batches of GALLERY_BATCH (so every row is embedded in
     the same batch as in one process: bit-identical results)."""
-    step = max(GALLERY_BATCH, shard_rows // GALLERY_BATCH * GALLERY_BATCH)
-    return [(start, min(n, start + step)) for start in range(0, n, step)]
+    return _batch_shards(n, GALLERY_BATCH, shard_rows)
 
 
 def embed_gallery_shard(model: str, images: Any, start: int, stop: int, folder: str, threads: int = 1) -> str:
@@ -547,9 +546,14 @@ def shards_dir(paths: Paths) -> Path:
 
 def extract_shards(cfg: ExtractConfig, paths: Paths, shard_rows: int) -> list[tuple[int, int]]:
     """Row ranges [start, stop) of the new training set, `shard_rows` rounded down to whole batches (one at least)."""
-    rows = int(len(split_arrays(paths, "new_train")[1]))
-    step = max(cfg.batch_size, shard_rows // cfg.batch_size * cfg.batch_size)
-    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+    return _batch_shards(int(len(split_arrays(paths, "new_train")[1])), cfg.batch_size, shard_rows)
+
+
+def _batch_shards(n: int, batch: int, shard_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of n rows, `shard_rows` rounded down to whole batches (one at least), so every row is
+    embedded in the same batch as in one process."""
+    step = max(batch, shard_rows // batch * batch)
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
 def extract_shard(cfg: ExtractConfig, paths: Paths, start: int, stop: int, threads: int = 1) -> dict[str, Any]:
